@@ -1,0 +1,55 @@
+"""prefect-eggapi: EggAPI image generation for Prefect 3, without paying twice.
+
+The client layer (``client``, ``models``, ``errors``, ``pricing``) imports nothing from Prefect;
+the Prefect blocks and tasks are loaded on first use so that plain scripts stay light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+from prefect_eggapi.client import AsyncEggAPIClient, EggAPIClient, RetryPolicy
+from prefect_eggapi.errors import (
+    AmbiguousSubmitError,
+    ContentModerationError,
+    EggAPIError,
+    InvalidRequestError,
+    TaskAbandonedError,
+    TaskFailedError,
+)
+from prefect_eggapi.models import GenerateRequest, Task, TaskStatus
+from prefect_eggapi.polling import PollPolicy
+
+if TYPE_CHECKING:
+    from prefect_eggapi.credentials import EggAPICredentials
+
+_LAZY = {"EggAPICredentials": "prefect_eggapi.credentials"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'prefect_eggapi' has no attribute {name!r}")
+
+
+__all__ = [
+    "AmbiguousSubmitError",
+    "AsyncEggAPIClient",
+    "ContentModerationError",
+    "EggAPIClient",
+    "EggAPICredentials",
+    "EggAPIError",
+    "GenerateRequest",
+    "InvalidRequestError",
+    "PollPolicy",
+    "RetryPolicy",
+    "Task",
+    "TaskAbandonedError",
+    "TaskFailedError",
+    "TaskStatus",
+    "__version__",
+]

@@ -1,0 +1,698 @@
+"""Typed EggAPI clients over httpx: ``EggAPIClient`` (sync) and ``AsyncEggAPIClient``.
+
+No Prefect imports: usable from plain scripts and other engines.
+
+Retry rules, because EggAPI has no idempotency key and no cancel:
+
+* Reads (GET) retry with jittered exponential backoff on 429, 5xx and transport errors.
+* ``POST /v1/generate`` retries only when the server provably created nothing: the connection was
+  never made, or it answered 429. Any other failure after the request may have reached the server
+  (timeouts, dropped connections, 5xx) raises :class:`AmbiguousSubmitError` instead of paying twice.
+* Output downloads never carry the API key (they are plain CDN URLs on another host).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, SecretStr
+
+from prefect_eggapi import __version__
+from prefect_eggapi.errors import (
+    AmbiguousSubmitError,
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    ContentModerationError,
+    DownloadError,
+    EggAPIError,
+    EmptyOutputError,
+    InvalidRequestError,
+    NotFoundError,
+    OutputGoneError,
+    TaskAbandonedError,
+    TaskFailedError,
+    error_for_status,
+)
+from prefect_eggapi.imageinfo import ImageInfo, ImageSniffer
+from prefect_eggapi.models import (
+    GenerateRequest,
+    Task,
+    TaskPage,
+    TaskStatus,
+    UsagePage,
+    UsageSummaryItem,
+    check_http_url,
+)
+from prefect_eggapi.polling import DurationStats, PollPolicy, PollSchedule
+from prefect_eggapi.ratelimit import RateLimiter
+
+DEFAULT_BASE_URL = "https://api.eggapi.ai"
+DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=30.0)
+DEFAULT_WAIT_TIMEOUT = 300.0
+DOWNLOAD_CHUNK = 64 * 1024
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for idempotent reads (and for submits that provably created nothing)."""
+
+    max_retries: int = 4
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), 60.0)
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+
+
+@dataclass
+class DownloadResult:
+    """What was fetched: checksum, size and format read from the bytes themselves."""
+
+    url: str
+    size: int
+    sha256: str
+    info: ImageInfo
+
+
+def _mask(key: str) -> str:
+    return f"{key[:7]}…{key[-2:]}" if len(key) > 12 else "***"
+
+
+def _check_credentials(api_key: str | SecretStr, base_url: str) -> tuple[SecretStr, str]:
+    secret = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key or "")
+    raw = secret.get_secret_value()
+    problems: list[tuple[str, str]] = []
+    if not raw:
+        problems.append(("api_key", "is required (set EGGAPI_API_KEY or pass api_key)"))
+    elif raw != raw.strip() or any(c.isspace() for c in raw):
+        problems.append(("api_key", "must not contain whitespace"))
+    try:
+        check_http_url(base_url, field="base_url")
+    except ValueError as exc:
+        problems.append(("base_url", str(exc)))
+    if problems:
+        raise InvalidRequestError(problems, what="client configuration")
+    return secret, base_url.rstrip("/")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        try:
+            return (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds()
+        except (TypeError, ValueError):
+            return None
+
+
+def _raise_for_envelope(response: httpx.Response, method: str, path: str) -> Any:
+    """Return ``data`` from a success envelope, or raise the typed error it describes."""
+    task_id = path.rsplit("/", 1)[-1] if path.startswith("/v1/tasks/") else None
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if response.status_code >= 400:
+        err = body.get("error") if isinstance(body, dict) else None
+        code = err.get("code") if isinstance(err, dict) else None
+        message = err.get("message") if isinstance(err, dict) else None
+        cls = error_for_status(response.status_code, code)
+        raise cls(
+            message or response.text[:200] or response.reason_phrase,
+            status_code=response.status_code,
+            code=code,
+            method=method,
+            path=path,
+            task_id=task_id,
+        )
+    if not isinstance(body, dict) or "data" not in body:
+        raise APIStatusError(
+            "response is not an EggAPI envelope",
+            status_code=response.status_code,
+            code="BAD_RESPONSE",
+            method=method,
+            path=path,
+        )
+    return body["data"]
+
+
+def _is_unsent(exc: httpx.TransportError) -> bool:
+    """True when the request provably never reached the server."""
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
+
+
+def _transport_error(exc: httpx.TransportError, method: str, path: str) -> EggAPIError:
+    cls = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
+    return cls(f"{type(exc).__name__} on {method} {path}: {exc}")
+
+
+def _coerce_request(request: GenerateRequest | None, fields: dict[str, Any]) -> GenerateRequest:
+    if request is not None and fields:
+        raise TypeError("pass either a GenerateRequest or keyword fields, not both")
+    if request is None:
+        return GenerateRequest(**fields)
+    if not isinstance(request, GenerateRequest):
+        raise TypeError("request must be a GenerateRequest")
+    return request
+
+
+def _check_terminal(task: Task, raise_on_failure: bool) -> Task:
+    if not raise_on_failure:
+        return task
+    if task.status is TaskStatus.FAILED:
+        if (task.error or "").lower().startswith("content moderation"):
+            raise ContentModerationError(task)
+        raise TaskFailedError(task)
+    if not task.output_urls:
+        raise EmptyOutputError(task)
+    return task
+
+
+def _download_error(response: httpx.Response, url: str) -> DownloadError:
+    cls = OutputGoneError if response.status_code in (403, 404, 410) else DownloadError
+    return cls(
+        f"HTTP {response.status_code} downloading output", url=url, status_code=response.status_code
+    )
+
+
+class DownloadStream:
+    """Checks a download as it streams: size against Content-Length, sha256, format.
+
+    The check runs when the last chunk has been read, *inside* the iteration, so a consumer that
+    uploads only after exhausting the chunks never stores a truncated file.
+    """
+
+    def __init__(self, url: str, response: httpx.Response) -> None:
+        self.url = url
+        self._expected = (
+            int(response.headers["content-length"])
+            if response.headers.get("content-length", "").isdigit()
+            else None
+        )
+        self._hash = hashlib.sha256()
+        self._sniffer = ImageSniffer()
+        self.size = 0
+        self.result: DownloadResult | None = None
+
+    def take(self, chunk: bytes) -> bytes:
+        self._hash.update(chunk)
+        self._sniffer.feed(chunk)
+        self.size += len(chunk)
+        return chunk
+
+    def finish(self) -> DownloadResult:
+        if self._expected is not None and self.size != self._expected:
+            raise DownloadError(
+                f"truncated download: got {self.size} of {self._expected} bytes", url=self.url
+            )
+        info = self._sniffer.info
+        if info.format is None:
+            raise DownloadError("downloaded file is not a recognised image", url=self.url)
+        self.result = DownloadResult(self.url, self.size, self._hash.hexdigest(), info)
+        return self.result
+
+    def checked(self, chunks: Iterator[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            yield self.take(chunk)
+        self.finish()
+
+    async def achecked(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield self.take(chunk)
+        self.finish()
+
+
+class _BaseClient:
+    """Configuration and pure logic shared by the sync and async clients."""
+
+    def __init__(
+        self,
+        api_key: str | SecretStr,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        poll: PollPolicy | None = None,
+        rate_limit: float | RateLimiter | None = 20.0,
+        user_agent: str | None = None,
+    ) -> None:
+        self._api_key, self.base_url = _check_credentials(api_key, base_url)
+        self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self.retry = retry or RetryPolicy()
+        self.poll = poll or PollPolicy()
+        self.limiter = (
+            rate_limit
+            if isinstance(rate_limit, RateLimiter) or rate_limit is None
+            else RateLimiter(rate_limit)
+        )
+        self.durations = DurationStats()
+        # Server clock minus ours, learned from 202s; narrows the reconciliation window.
+        self.clock_offset: float | None = None
+        self._headers = {
+            "Authorization": f"Bearer {self._api_key.get_secret_value()}",
+            "User-Agent": user_agent or f"prefect-eggapi/{__version__}",
+            "Accept": "application/json",
+        }
+
+    def __repr__(self) -> str:
+        key = _mask(self._api_key.get_secret_value())
+        return f"{type(self).__name__}(base_url={self.base_url!r}, api_key={key!r})"
+
+    def _list_params(self, page: int, per_page: int) -> dict[str, int]:
+        problems = []
+        if not isinstance(page, int) or page < 1:
+            problems.append(("page", "must be an integer >= 1"))
+        if not isinstance(per_page, int) or not 1 <= per_page <= 100:
+            problems.append(("per_page", "must be an integer from 1 to 100"))
+        if problems:
+            raise InvalidRequestError(problems, what="list request")
+        return {"page": page, "per_page": per_page}
+
+    @staticmethod
+    def _check_task_id(task_id: str) -> str:
+        if (
+            not isinstance(task_id, str)
+            or not task_id
+            or "/" in task_id
+            or task_id.strip() != task_id
+        ):
+            raise InvalidRequestError([("task_id", "must be a non-empty id without '/'")])
+        return task_id
+
+    @staticmethod
+    def _edit_request(
+        image_urls: list[str] | tuple[str, ...], fields: dict[str, Any]
+    ) -> GenerateRequest:
+        if not image_urls:
+            raise InvalidRequestError(
+                [("image_urls", "an edit needs at least one input image URL")]
+            )
+        return GenerateRequest(image_urls=tuple(image_urls), **fields)
+
+    def _ambiguous(
+        self, request: GenerateRequest, sent_at: datetime, why: str, cause: BaseException | None
+    ) -> AmbiguousSubmitError:
+        return AmbiguousSubmitError(
+            why,
+            sent_at=sent_at,
+            failed_at=datetime.now(timezone.utc),
+            model=request.model,
+            prompt=request.prompt,
+            task_type=request.task_type,
+            cause=cause,
+        )
+
+    def _submit_failed(
+        self, req: GenerateRequest, sent_at: datetime, exc: httpx.TransportError
+    ) -> EggAPIError:
+        """A transport error on submit: retryable only if the request never left."""
+        if not _is_unsent(exc):
+            raise self._ambiguous(req, sent_at, type(exc).__name__, exc) from exc
+        return _transport_error(exc, "POST", "/v1/generate")
+
+    def _submit_answered(
+        self, req: GenerateRequest, sent_at: datetime, response: httpx.Response
+    ) -> Task | EggAPIError:
+        """The created task, or a 429 to retry; 4xx raise; anything else is ambiguous."""
+        try:
+            task = Task.model_validate(_raise_for_envelope(response, "POST", "/v1/generate"))
+        except APIStatusError as exc:
+            if exc.http_status == 429:
+                return exc
+            if 400 <= exc.http_status < 500:
+                raise
+            raise self._ambiguous(req, sent_at, str(exc), exc) from exc
+        except ValueError as exc:  # a 2xx we cannot read: the task may exist
+            raise self._ambiguous(req, sent_at, f"unreadable response: {exc}", exc) from exc
+        if task.created_at is not None:
+            now = datetime.now(timezone.utc)
+            midpoint = sent_at + (now - sent_at) / 2
+            self.clock_offset = (task.created_at - midpoint).total_seconds()
+        return task
+
+
+class _Wait:
+    """One wait's state: deadline, poll schedule, last task seen."""
+
+    def __init__(
+        self, client: _BaseClient, task: Task | str, timeout: float, poll: PollPolicy | None
+    ) -> None:
+        if not timeout > 0:
+            raise InvalidRequestError([("timeout", "must be > 0 seconds")], what="wait")
+        self.task_id = task.id if isinstance(task, Task) else client._check_task_id(task)
+        self.last = task if isinstance(task, Task) else None
+        self.timeout = timeout
+        self.started = time.monotonic()
+        self.schedule = PollSchedule(poll or client.poll, client.durations)
+
+    @property
+    def done(self) -> bool:
+        return self.last is not None and self.last.is_terminal
+
+    def next_sleep(self) -> float:
+        """Seconds to sleep before the next poll; raises once the deadline has passed."""
+        status = self.last.status if self.last else None
+        delay = self.schedule.next_delay(status) if self.last is not None else 0.0
+        elapsed = time.monotonic() - self.started
+        if elapsed >= self.timeout:
+            raise TaskAbandonedError(
+                self.task_id, last_status=status and status.value, waited_seconds=elapsed
+            )
+        return min(delay, self.timeout - elapsed)
+
+    def failed_poll(self, exc: EggAPIError) -> None:
+        """Transient errors keep the wait going until the deadline; others end it."""
+        if not exc.retryable or isinstance(exc, NotFoundError):
+            raise exc
+
+    def result(self, raise_on_failure: bool) -> Task:
+        assert self.last is not None
+        return _check_terminal(self.last, raise_on_failure)
+
+
+class EggAPIClient(_BaseClient):
+    """Synchronous client. One connection pool; use as a context manager or call :meth:`close`."""
+
+    def __init__(
+        self,
+        api_key: str | SecretStr,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(api_key, base_url, **options)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self._headers, timeout=self.timeout, transport=transport
+        )
+        # Separate pool without credentials: output URLs live on a CDN host.
+        self._files = httpx.Client(timeout=self.timeout, transport=transport, follow_redirects=True)
+
+    def __enter__(self) -> EggAPIClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+        self._files.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        if self.limiter is not None:
+            self.limiter.acquire()
+        return self._http.request(method, path, **kwargs)
+
+    def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        attempt = 0
+        while True:
+            try:
+                response = self._send("GET", path, params=params)
+                return _raise_for_envelope(response, "GET", path)
+            except httpx.TransportError as exc:
+                error: EggAPIError = _transport_error(exc, "GET", path)
+                retry_after = None
+            except APIStatusError as exc:
+                if not exc.retryable:
+                    raise
+                error, retry_after = exc, _retry_after(response)
+            if attempt >= self.retry.max_retries:
+                raise error
+            time.sleep(self.retry.delay(attempt, retry_after))
+            attempt += 1
+
+    # ------------------------------------------------------------------ API
+
+    def generate(self, request: GenerateRequest | None = None, **fields: Any) -> Task:
+        """Create a task (``POST /v1/generate``); never posts twice for one call."""
+        req = _coerce_request(request, fields)
+        payload = req.to_payload()
+        attempt = 0
+        while True:
+            sent_at = datetime.now(timezone.utc)
+            retry_after = None
+            try:
+                response = self._send("POST", "/v1/generate", json=payload)
+            except httpx.TransportError as exc:
+                outcome: Task | EggAPIError = self._submit_failed(req, sent_at, exc)
+            else:
+                outcome = self._submit_answered(req, sent_at, response)
+                retry_after = _retry_after(response)
+            if isinstance(outcome, Task):
+                return outcome
+            if attempt >= self.retry.max_retries:
+                raise outcome
+            time.sleep(self.retry.delay(attempt, retry_after))
+            attempt += 1
+
+    def edit(self, image_urls: list[str] | tuple[str, ...], **fields: Any) -> Task:
+        """An edit is a generate with input images (``type: image_edit``)."""
+        return self.generate(self._edit_request(image_urls, fields))
+
+    def get_task(self, task_id: str) -> Task:
+        task = Task.model_validate(self._get(f"/v1/tasks/{self._check_task_id(task_id)}"))
+        self.durations.observe(task)
+        return task
+
+    def list_tasks(self, page: int = 1, per_page: int = 20) -> TaskPage:
+        return TaskPage.model_validate(self._get("/v1/tasks", self._list_params(page, per_page)))
+
+    def iter_tasks(self, per_page: int = 100, max_pages: int | None = None) -> Iterator[Task]:
+        """Newest first, page by page, until the last page or ``max_pages``."""
+        page = 1
+        while max_pages is None or page <= max_pages:
+            result = self.list_tasks(page, per_page)
+            yield from result.items
+            if not result.items or page >= result.pagination.total_pages:
+                return
+            page += 1
+
+    def usage(self, page: int = 1, per_page: int = 20) -> UsagePage:
+        return UsagePage.model_validate(self._get("/v1/usage", self._list_params(page, per_page)))
+
+    def usage_summary(self) -> list[UsageSummaryItem]:
+        return [UsageSummaryItem.model_validate(item) for item in self._get("/v1/usage/summary")]
+
+    def wait_for_task(
+        self,
+        task: Task | str,
+        *,
+        timeout: float = DEFAULT_WAIT_TIMEOUT,
+        poll: PollPolicy | None = None,
+        raise_on_failure: bool = True,
+        on_poll: Callable[[Task], None] | None = None,
+    ) -> Task:
+        """Poll until the task is terminal or ``timeout`` seconds (wall clock) have passed.
+
+        Transient errors while polling do not end the wait; the deadline does, with
+        :class:`TaskAbandonedError` carrying the task id (the task may still bill).
+        """
+        wait = _Wait(self, task, timeout, poll)
+        while not wait.done:
+            time.sleep(wait.next_sleep())
+            try:
+                wait.last = self.get_task(wait.task_id)
+            except EggAPIError as exc:
+                wait.failed_poll(exc)
+                continue
+            if on_poll is not None:
+                on_poll(wait.last)
+        return wait.result(raise_on_failure)
+
+    @contextmanager
+    def stream_output(self, url: str) -> Iterator[tuple[Iterator[bytes], DownloadStream]]:
+        """Yield ``(chunks, stream)``; reading to the end verifies it, sets ``stream.result``."""
+        check_http_url(url)
+        try:
+            with self._files.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise _download_error(response, url)
+                stream = DownloadStream(url, response)
+                yield stream.checked(response.iter_bytes(DOWNLOAD_CHUNK)), stream
+        except httpx.TransportError as exc:
+            raise DownloadError(f"{type(exc).__name__} while downloading", url=url) from exc
+
+    def download(self, url: str, dest: str | Path | IO[bytes]) -> DownloadResult:
+        """Stream one output to a path or binary file; memory stays at one chunk."""
+        if isinstance(dest, str | Path):
+            with open(dest, "wb") as fh:
+                return self.download(url, fh)
+        with self.stream_output(url) as (chunks, stream):
+            for chunk in chunks:
+                dest.write(chunk)
+        assert stream.result is not None
+        return stream.result
+
+
+class AsyncEggAPIClient(_BaseClient):
+    """Asynchronous twin of :class:`EggAPIClient`; create it inside the task that uses it."""
+
+    def __init__(
+        self,
+        api_key: str | SecretStr,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(api_key, base_url, **options)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self._headers, timeout=self.timeout, transport=transport
+        )
+        self._files = httpx.AsyncClient(
+            timeout=self.timeout, transport=transport, follow_redirects=True
+        )
+
+    async def __aenter__(self) -> AsyncEggAPIClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        await self._files.aclose()
+
+    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        if self.limiter is not None:
+            await self.limiter.aacquire()
+        return await self._http.request(method, path, **kwargs)
+
+    async def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        attempt = 0
+        while True:
+            try:
+                response = await self._send("GET", path, params=params)
+                return _raise_for_envelope(response, "GET", path)
+            except httpx.TransportError as exc:
+                error: EggAPIError = _transport_error(exc, "GET", path)
+                retry_after = None
+            except APIStatusError as exc:
+                if not exc.retryable:
+                    raise
+                error, retry_after = exc, _retry_after(response)
+            if attempt >= self.retry.max_retries:
+                raise error
+            await asyncio.sleep(self.retry.delay(attempt, retry_after))
+            attempt += 1
+
+    async def generate(self, request: GenerateRequest | None = None, **fields: Any) -> Task:
+        """Create a task (``POST /v1/generate``); never posts twice for one call."""
+        req = _coerce_request(request, fields)
+        payload = req.to_payload()
+        attempt = 0
+        while True:
+            sent_at = datetime.now(timezone.utc)
+            retry_after = None
+            try:
+                response = await self._send("POST", "/v1/generate", json=payload)
+            except httpx.TransportError as exc:
+                outcome: Task | EggAPIError = self._submit_failed(req, sent_at, exc)
+            else:
+                outcome = self._submit_answered(req, sent_at, response)
+                retry_after = _retry_after(response)
+            if isinstance(outcome, Task):
+                return outcome
+            if attempt >= self.retry.max_retries:
+                raise outcome
+            await asyncio.sleep(self.retry.delay(attempt, retry_after))
+            attempt += 1
+
+    async def edit(self, image_urls: list[str] | tuple[str, ...], **fields: Any) -> Task:
+        return await self.generate(self._edit_request(image_urls, fields))
+
+    async def get_task(self, task_id: str) -> Task:
+        task = Task.model_validate(await self._get(f"/v1/tasks/{self._check_task_id(task_id)}"))
+        self.durations.observe(task)
+        return task
+
+    async def list_tasks(self, page: int = 1, per_page: int = 20) -> TaskPage:
+        data = await self._get("/v1/tasks", self._list_params(page, per_page))
+        return TaskPage.model_validate(data)
+
+    async def iter_tasks(
+        self, per_page: int = 100, max_pages: int | None = None
+    ) -> AsyncIterator[Task]:
+        page = 1
+        while max_pages is None or page <= max_pages:
+            result = await self.list_tasks(page, per_page)
+            for item in result.items:
+                yield item
+            if not result.items or page >= result.pagination.total_pages:
+                return
+            page += 1
+
+    async def usage(self, page: int = 1, per_page: int = 20) -> UsagePage:
+        data = await self._get("/v1/usage", self._list_params(page, per_page))
+        return UsagePage.model_validate(data)
+
+    async def usage_summary(self) -> list[UsageSummaryItem]:
+        data = await self._get("/v1/usage/summary")
+        return [UsageSummaryItem.model_validate(item) for item in data]
+
+    async def wait_for_task(
+        self,
+        task: Task | str,
+        *,
+        timeout: float = DEFAULT_WAIT_TIMEOUT,
+        poll: PollPolicy | None = None,
+        raise_on_failure: bool = True,
+        on_poll: Callable[[Task], None] | None = None,
+    ) -> Task:
+        """Async twin of :meth:`EggAPIClient.wait_for_task`."""
+        wait = _Wait(self, task, timeout, poll)
+        while not wait.done:
+            await asyncio.sleep(wait.next_sleep())
+            try:
+                wait.last = await self.get_task(wait.task_id)
+            except EggAPIError as exc:
+                wait.failed_poll(exc)
+                continue
+            if on_poll is not None:
+                on_poll(wait.last)
+        return wait.result(raise_on_failure)
+
+    @asynccontextmanager
+    async def stream_output(
+        self, url: str
+    ) -> AsyncIterator[tuple[AsyncIterator[bytes], DownloadStream]]:
+        check_http_url(url)
+        try:
+            async with self._files.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise _download_error(response, url)
+                stream = DownloadStream(url, response)
+                yield stream.achecked(response.aiter_bytes(DOWNLOAD_CHUNK)), stream
+        except httpx.TransportError as exc:
+            raise DownloadError(f"{type(exc).__name__} while downloading", url=url) from exc
+
+    async def download(self, url: str, dest: str | Path | IO[bytes]) -> DownloadResult:
+        if isinstance(dest, str | Path):
+            with open(dest, "wb") as fh:
+                return await self.download(url, fh)
+        async with self.stream_output(url) as (chunks, stream):
+            async for chunk in chunks:
+                dest.write(chunk)
+        assert stream.result is not None
+        return stream.result

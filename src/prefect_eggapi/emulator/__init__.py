@@ -1,0 +1,65 @@
+"""A faithful local EggAPI emulator (FastAPI + Pillow) for demos, tests and benchmarks.
+
+It implements ``docs/eggapi-api.md`` independently of the client: the same paths, envelopes,
+status codes, Go-style validation messages, task lifecycle, per-key balances, rate limits,
+moderation failures, newest-first pagination, usage endpoints, and real PNG outputs at
+``/images/{task_id}/{i}.png`` sized as section 14 says. Section 17's assumptions are followed.
+
+Start it
+--------
+- In a subprocess (tests, benchmarks)::
+
+      from prefect_eggapi.emulator import EmulatorConfig, EmulatorProcess, ApiKeyConfig
+      with EmulatorProcess(EmulatorConfig(api_keys={"egg_sk_test": ApiKeyConfig()})) as emu:
+          emu.base_url            # http://127.0.0.1:<free port>
+          emu.add_fault("error_after_create", status=502)
+
+- In the foreground: ``prefect-eggapi emulator --port 8787 --api-key egg_sk_...`` or
+  ``python -m prefect_eggapi.emulator --port 8787``.
+- In-process: ``create_app(config)`` returns the FastAPI app; its state (tasks, audit, faults)
+  is ``app.state.emulator``.
+
+Admin API (no API key; loopback clients only; standard envelope)
+----------------------------------------------------------------
+``GET  /_emulator/health``                    ``{status, pid, base_url, tasks}``
+``GET  /_emulator/config``                    live config, API keys masked
+``PATCH /_emulator/config``                   partial update; ``api_keys`` merges per key and a
+                                              given ``balance`` resets that key's live balance
+``GET  /_emulator/faults``                    rules with ``seen``/``fired``/``exhausted``
+``POST /_emulator/faults``                    a rule, a list, or ``{"rules": [...]}``
+``DELETE /_emulator/faults`` (or ``POST /_emulator/faults/clear``)
+``GET  /_emulator/audit``                     created tasks, request counts, 429s, balances
+``POST /_emulator/reset``                     forget everything; optional ``{"config": {...}}``
+``GET  /_emulator/tasks[/{id}]``              every task of every key
+``POST /_emulator/tasks/{id}/advance``        one lifecycle step (planned outcome at the end)
+``POST /_emulator/tasks/{id}/complete``       optional ``{"num_images": n}``
+``POST /_emulator/tasks/{id}/fail``           optional ``{"error": "..."}``
+
+Admin reads (audit, tasks) never advance tasks themselves, so they show what the background
+scheduler did; API reads apply due transitions first, so they are never stale.
+
+Fault rules
+-----------
+``{"kind": K, "endpoint": "generate"|"get_task"|"list_tasks"|"download"|"usage"|"any",
+"status": 500, "code": null, "message": null, "times": 1, "skip": 0, "delay": 0.0,
+"bytes_per_second": 65536, "fraction": 0.5, "api_key": null}``; kinds: ``error_before_create``,
+``error_after_create``, ``drop_after_create``, ``timeout_after_create``, ``http_error``,
+``rate_limit_burst``, ``upstream_failure``, ``empty_output``, ``slow_download``,
+``truncated_download``. See :mod:`prefect_eggapi.emulator.faults` for the counting rules.
+"""
+
+from __future__ import annotations
+
+from .app import create_app
+from .config import DEFAULT_API_KEY, ApiKeyConfig, EmulatorConfig, FaultRule
+from .server import EmulatorAdmin, EmulatorProcess
+
+__all__ = [
+    "DEFAULT_API_KEY",
+    "ApiKeyConfig",
+    "EmulatorAdmin",
+    "EmulatorConfig",
+    "EmulatorProcess",
+    "FaultRule",
+    "create_app",
+]

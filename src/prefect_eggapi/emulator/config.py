@@ -1,0 +1,178 @@
+"""Configuration of the EggAPI emulator: one pydantic model, serialisable to JSON.
+
+The same model travels to the emulator subprocess (as JSON in an environment variable), is shown
+and patched by the admin endpoints, and is built by the ``emulator`` CLI subcommand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+DEFAULT_API_KEY = "egg_sk_local_emulator_key"
+"""The documented, non-secret key the emulator accepts when no key is configured explicitly."""
+
+FaultKind = Literal[
+    "error_before_create",
+    "error_after_create",
+    "drop_after_create",
+    "timeout_after_create",
+    "http_error",
+    "rate_limit_burst",
+    "upstream_failure",
+    "empty_output",
+    "slow_download",
+    "truncated_download",
+]
+FaultEndpoint = Literal["generate", "get_task", "list_tasks", "download", "usage", "any"]
+
+# Where a fault kind is evaluated; also the default endpoint of each kind.
+FAULT_DEFAULT_ENDPOINT: dict[str, FaultEndpoint] = {
+    "error_before_create": "generate",
+    "error_after_create": "generate",
+    "drop_after_create": "generate",
+    "timeout_after_create": "generate",
+    "http_error": "any",
+    "rate_limit_burst": "any",
+    "upstream_failure": "generate",
+    "empty_output": "generate",
+    "slow_download": "download",
+    "truncated_download": "download",
+}
+
+
+def key_id(api_key: str) -> str:
+    """A stable, non-reversible identifier of an API key (first 16 hex digits of its sha256)."""
+    return hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:16]
+
+
+def mask_key(api_key: str) -> str:
+    """A display form of an API key that never reveals it: ``egg_sk_…abcd``."""
+    if len(api_key) <= 10:
+        return "…" + api_key[-2:]
+    prefix = api_key[:7] if api_key.startswith("egg_sk_") else api_key[:3]
+    return f"{prefix}…{api_key[-4:]}"
+
+
+class ApiKeyConfig(BaseModel):
+    """One accepted API key (the key itself is the dict key in ``EmulatorConfig.api_keys``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    balance: Decimal = Field(Decimal("100"), description="Starting balance in USD.")
+    suspended: bool = Field(False, description="Every request with this key gets 403 FORBIDDEN.")
+    name: str | None = Field(None, description="Label shown in the audit instead of the mask.")
+
+
+class FaultRule(BaseModel):
+    """A scripted fault. Rules are deterministic: counted per opportunity, in insertion order.
+
+    An *opportunity* is a point where the rule's kind could apply to a request on a matching
+    endpoint (and key, if ``api_key`` is set). The first ``skip`` opportunities pass untouched,
+    the next ``times`` fire (``times: null`` fires forever), then the rule is exhausted.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: FaultKind
+    endpoint: FaultEndpoint | None = Field(
+        None, description="Defaults per kind: generate, download, or any (http_error, 429 burst)."
+    )
+    status: int | None = Field(None, ge=100, le=599, description="HTTP status of error kinds.")
+    code: str | None = Field(None, description="error.code; derived from status if omitted.")
+    message: str | None = Field(None, description="error.message / task error text.")
+    times: int | None = Field(1, ge=0, description="How many times to fire; null = forever.")
+    skip: int = Field(0, ge=0, description="Opportunities to let pass before firing.")
+    delay: float = Field(0.0, ge=0, description="Seconds to wait before the faulty response.")
+    bytes_per_second: int = Field(65536, gt=0, description="slow_download throughput.")
+    fraction: float = Field(
+        0.5, ge=0, lt=1, description="Share of the body sent before the connection is cut."
+    )
+    api_key: str | None = Field(None, description="Only requests with this key match.")
+    id: str | None = Field(None, description="Assigned by the emulator.")
+
+    @property
+    def effective_endpoint(self) -> FaultEndpoint:
+        return self.endpoint or FAULT_DEFAULT_ENDPOINT[self.kind]
+
+
+def _default_prices() -> dict[str, dict[str, Decimal]]:
+    return {
+        "nanobanana": {"default": Decimal("0.01")},
+        "nanobanana-pro": {"default": Decimal("0.016"), "4k": Decimal("0.032")},
+    }
+
+
+class EmulatorConfig(BaseModel):
+    """Everything that makes one emulator instance behave the way a test or demo needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys: dict[str, ApiKeyConfig] = Field(
+        default_factory=lambda: {DEFAULT_API_KEY: ApiKeyConfig()},
+        description="Accepted keys (full key -> settings).",
+    )
+    pending_seconds: float = Field(0.05, ge=0, description="Time a task stays pending.")
+    processing_seconds: float = Field(0.2, ge=0, description="Time a task stays processing.")
+    manual: bool = Field(
+        False, description="New tasks stay pending until advanced through the admin API."
+    )
+    rate_limit_per_second: float | None = Field(
+        100.0, ge=0, description="Per-key token-bucket rate; null or 0 disables."
+    )
+    rate_limit_burst: int | None = Field(
+        None, ge=1, description="Bucket size; defaults to max(1, rate_limit_per_second)."
+    )
+    allowed_models: list[str] = Field(
+        default_factory=lambda: ["nanobanana", "nanobanana-pro"],
+        description="The 'oneof' allow-list of the model field.",
+    )
+    moderation_word: str | None = Field(
+        "forbidden", description="A prompt containing this word (any case) fails moderation."
+    )
+    upstream_error_message: str = "Upstream provider error: provider returned 502 Bad Gateway"
+    public_base_url: str | None = Field(
+        None, description="Host of output file URLs; defaults to the server's own base URL."
+    )
+    seed: int | None = Field(None, description="Seed for task ids (deterministic ids).")
+    prices: dict[str, dict[str, Decimal]] = Field(
+        default_factory=_default_prices,
+        description="USD per returned image: model -> {resolution|'default': price}.",
+    )
+    default_price: Decimal = Field(Decimal("0.01"), description="Price of models not in prices.")
+    faults: list[FaultRule] = Field(default_factory=list)
+    image_cache_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    png_compress_level: int = Field(1, ge=0, le=9)
+    admin_loopback_only: bool = Field(True, description="Admin API answers loopback clients only.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EmulatorConfig:
+        if self.public_base_url is not None:
+            self.public_base_url = self.public_base_url.rstrip("/")
+        return self
+
+    def unit_price(self, model: str, resolution: str) -> Decimal:
+        table = self.prices.get(model)
+        if table is None:
+            return self.default_price
+        return table.get(resolution, table.get("default", self.default_price))
+
+    def burst(self) -> int:
+        if self.rate_limit_burst is not None:
+            return self.rate_limit_burst
+        return max(1, int(self.rate_limit_per_second or 1))
+
+    def public_dump(self) -> dict[str, object]:
+        """The config as JSON, with API keys replaced by their masked forms."""
+        data = self.model_dump(mode="json")
+        data["api_keys"] = {
+            mask_key(k): {**v.model_dump(mode="json"), "key_id": key_id(k)}
+            for k, v in self.api_keys.items()
+        }
+        for rule in data["faults"]:
+            if rule.get("api_key"):
+                rule["api_key"] = mask_key(rule["api_key"])
+        return data

@@ -1,0 +1,91 @@
+"""When to poll next: phase-aware, learning, jittered, and never past the deadline.
+
+A fixed short interval wastes requests (and rate limit) on 10-second jobs; a fixed long one adds
+latency. The policy learns typical queue and processing times from the server's own timestamps of
+tasks it has seen finish, sleeps about that long after each phase change, then backs off
+geometrically. Jitter keeps mapped waits from polling in lock-step.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass
+
+from prefect_eggapi.models import Task, TaskStatus
+
+
+@dataclass(frozen=True)
+class PollPolicy:
+    """Knobs for one wait; the defaults suit EggAPI's documented 9-12 s tasks."""
+
+    initial_interval: float = 1.0
+    max_interval: float = 5.0
+    multiplier: float = 1.5
+    min_interval: float = 0.05
+    jitter: float = 0.1
+    # Fraction of the learned phase duration to sleep before the first poll in that phase.
+    learned_fraction: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_interval <= self.initial_interval <= self.max_interval:
+            raise ValueError("need 0 < min_interval <= initial_interval <= max_interval")
+        if self.multiplier < 1:
+            raise ValueError("multiplier must be >= 1")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be in [0, 1)")
+
+
+class DurationStats:
+    """Exponentially weighted queue and processing times of finished tasks, shared per client."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self._alpha = alpha
+        self._lock = threading.Lock()
+        self.queue: float | None = None
+        self.processing: float | None = None
+
+    def observe(self, task: Task) -> None:
+        if task.status is not TaskStatus.COMPLETED:
+            return
+        with self._lock:
+            self.queue = self._mix(self.queue, task.queue_seconds)
+            self.processing = self._mix(self.processing, task.processing_seconds)
+
+    def _mix(self, old: float | None, new: float | None) -> float | None:
+        if new is None or new < 0:
+            return old
+        return new if old is None else old + self._alpha * (new - old)
+
+
+class PollSchedule:
+    """The delays for one wait; call :meth:`next_delay` with each status seen."""
+
+    def __init__(self, policy: PollPolicy, stats: DurationStats, rng: random.Random | None = None):
+        self._policy = policy
+        self._stats = stats
+        self._rng = rng or random.Random()
+        self._phase: TaskStatus | None = None
+        self._interval = policy.initial_interval
+        self.polls = 0
+
+    def next_delay(self, status: TaskStatus | None) -> float:
+        p = self._policy
+        self.polls += status is not None
+        if status != self._phase:
+            self._phase = status
+            learned = (
+                {
+                    TaskStatus.PENDING: self._stats.queue,
+                    TaskStatus.PROCESSING: self._stats.processing,
+                }.get(status)
+                if status is not None
+                else None
+            )
+            self._interval = p.initial_interval
+            base = learned * p.learned_fraction if learned else p.initial_interval
+        else:
+            self._interval = min(p.max_interval, self._interval * p.multiplier)
+            base = self._interval
+        spread = base * p.jitter
+        return max(p.min_interval, base + self._rng.uniform(-spread, spread))

@@ -1,0 +1,645 @@
+"""Prefect tasks: submit, wait, persist, and generate (all three), in sync and async variants.
+
+Each step is its own retryable task run. Retrying any of them never pays twice: submits go through
+the ledger (``submission.py``), waits only read, and persists skip outputs already stored. Every
+variant is a real ``Task`` object, so ``.submit``, ``.map`` and ``.with_options`` work (the
+``a``-prefixed ones are async).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from functools import partial
+from typing import Any, TypeVar
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.exceptions import MissingContextError
+from pydantic import BaseModel, Field
+
+from prefect_eggapi.artifacts import Progress, ReportRow, emit_task_event, publish_images
+from prefect_eggapi.client import EggAPIClient
+from prefect_eggapi.credentials import EggAPICredentials
+from prefect_eggapi.errors import (
+    EggAPIError,
+    EmptyOutputError,
+    ErrorClass,
+    InvalidRequestError,
+    TaskAbandonedError,
+    TaskFailedError,
+    classify,
+)
+from prefect_eggapi.ledger import LedgerStore, default_ledger
+from prefect_eggapi.models import GenerateRequest, Task, TaskStatus
+from prefect_eggapi.polling import PollPolicy
+from prefect_eggapi.runtime import run_scope
+from prefect_eggapi.storage import OutputStore, S3Settings, StoredImage
+from prefect_eggapi.submission import Submitter, record_outcome
+
+R = TypeVar("R")
+
+DEFAULT_WAIT_SECONDS = 300.0
+
+# --------------------------------------------------------------------------- retry conditions
+
+
+def _exception(state: State[Any]) -> BaseException | None:
+    data = state.data
+    return data if isinstance(data, BaseException) else None
+
+
+def _retry_when(*classes: ErrorClass, also: tuple[type[BaseException], ...] = ()) -> Any:
+    def should_retry(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
+        exc = _exception(state)
+        if exc is None:
+            return False
+        if also and isinstance(exc, also):
+            return True
+        return classify(exc) in classes
+
+    should_retry.__name__ = f"retry_when_{'_'.join(c.value for c in classes)}"
+    return should_retry
+
+
+#: Submits retry transient failures and re-reconcile ambiguous ones (never a blind POST).
+retry_submit = _retry_when(ErrorClass.RETRYABLE, ErrorClass.AMBIGUOUS)
+#: Downloads/persists retry transient network and S3 errors.
+retry_transient = _retry_when(ErrorClass.RETRYABLE, also=(OSError,))
+#: The whole chain may also start a fresh attempt after an upstream failure of the remote task.
+retry_generation = _retry_when(ErrorClass.RETRYABLE, ErrorClass.AMBIGUOUS)
+
+
+# --------------------------------------------------------------------------- naming
+
+
+def _task_label() -> tuple[str, str]:
+    from prefect.runtime import task_run
+
+    params = task_run.parameters or {}
+    source = params.get("task")
+    task_id = source.id if isinstance(source, Task) else str(source or "")
+    return task_id, str(params.get("label") or "")
+
+
+def _run_name(verb: str) -> Callable[[], str]:
+    def name() -> str:
+        task_id, label = _task_label()
+        return " · ".join(p for p in (verb, task_id, label) if p)
+
+    name.__name__ = f"{verb}_run_name"
+    return name
+
+
+def _request_name(verb: str) -> Callable[[], str]:
+    def name() -> str:
+        from prefect.runtime import task_run
+
+        params = task_run.parameters or {}
+        req = params.get("request")
+        model = req.model if isinstance(req, GenerateRequest) else ""
+        return " · ".join(p for p in (verb, model, str(params.get("label") or "")) if p)
+
+    name.__name__ = f"{verb}_run_name"
+    return name
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _coerce(request: GenerateRequest | Mapping[str, Any]) -> GenerateRequest:
+    if isinstance(request, GenerateRequest):
+        return request
+    if isinstance(request, Mapping):
+        return GenerateRequest(**request)
+    raise InvalidRequestError([("request", "must be a GenerateRequest or a mapping")])
+
+
+def _budget(value: Decimal | float | str | None) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        amount = Decimal(str(value))
+    except ArithmeticError:
+        amount = Decimal(-1)
+    if not amount.is_finite() or amount < 0:
+        raise InvalidRequestError([("budget", "must be a non-negative amount in dollars")])
+    return amount
+
+
+def _store(store: OutputStore | S3Settings | Any | None) -> OutputStore:
+    if isinstance(store, OutputStore):
+        return store
+    if isinstance(store, S3Settings):
+        return OutputStore.from_settings(store)
+    if store is None:
+        return OutputStore.from_settings(S3Settings.from_env())
+    if hasattr(store, "bucket_name") and hasattr(store, "credentials"):
+        return OutputStore.from_prefect_aws(store)
+    raise InvalidRequestError(
+        [("store", "must be an OutputStore, S3Settings or a prefect-aws S3Bucket block")]
+    )
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The run logger inside Prefect runs; a plain logger when a task's ``.fn`` is called bare."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("prefect_eggapi")
+
+
+async def _in_thread(fn: Callable[[], R]) -> R:
+    """Run blocking work (boto3, sqlite, one short POST) off the event loop, in task context."""
+    import contextvars
+
+    ctx = contextvars.copy_context()
+    return await asyncio.to_thread(ctx.run, fn)
+
+
+# --------------------------------------------------------------------------- submit
+
+
+def _submit(
+    request: GenerateRequest | Mapping[str, Any],
+    credentials: EggAPICredentials | None,
+    key: str | None,
+    label: str | None,
+    budget: Decimal | float | str | None,
+    ledger: LedgerStore | None,
+    edit: bool,
+) -> Task:
+    logger = _logger()
+    req = _coerce(request)
+    if edit and not req.image_urls:
+        raise InvalidRequestError([("image_urls", "an edit needs at least one input image URL")])
+    cap = _budget(budget)
+    scope = run_scope()
+    logical_key = key or f"{scope}/{label or ''}"
+    creds = credentials or EggAPICredentials()
+    with creds.get_client() as client:
+        outcome = Submitter(client, ledger or default_ledger()).submit(
+            req, logical_key=logical_key, scope=scope, budget=cap, label=label or ""
+        )
+    t = outcome.task
+    if outcome.reconnected:
+        logger.info(
+            "Reconnected to EggAPI task %s (%s); not submitting again", t.id, t.status.value
+        )
+    else:
+        how = "adopted after an ambiguous submit" if outcome.adopted else "submitted"
+        logger.info(
+            "EggAPI task %s %s (%s, %s, attempt %d, up to %s)",
+            t.id,
+            how,
+            req.model,
+            req.task_type,
+            outcome.entry.attempt,
+            outcome.entry.estimate,
+        )
+        emit_task_event(
+            "submitted",
+            t.id,
+            task=t,
+            label=label,
+            adopted=outcome.adopted,
+            attempt=outcome.entry.attempt,
+            estimate=str(outcome.entry.estimate),
+        )
+    return t
+
+
+_SUBMIT_OPTS: dict[str, Any] = dict(
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[1, 5, 15],
+    retry_condition_fn=retry_submit,
+    task_run_name=_request_name("submit"),
+)
+
+
+@task(name="eggapi-submit-generation", **_SUBMIT_OPTS)
+def submit_generation(
+    request: GenerateRequest | dict[str, Any],
+    credentials: EggAPICredentials | None = None,
+    *,
+    key: str | None = None,
+    label: str | None = None,
+    budget: Decimal | float | str | None = None,
+    ledger: LedgerStore | None = None,
+) -> Task:
+    """Create an EggAPI task once per logical key; retries and reruns reconnect to it.
+
+    ``key`` defaults to the run scope (deployment slot or flow run) plus ``label``; identical
+    requests under one key share one paid task. ``budget`` caps estimated spend in the run scope.
+    """
+    return _submit(request, credentials, key, label, budget, ledger, edit=False)
+
+
+@task(name="eggapi-submit-edit", **_SUBMIT_OPTS)
+def submit_edit(
+    request: GenerateRequest | dict[str, Any],
+    credentials: EggAPICredentials | None = None,
+    *,
+    key: str | None = None,
+    label: str | None = None,
+    budget: Decimal | float | str | None = None,
+    ledger: LedgerStore | None = None,
+) -> Task:
+    """Like :func:`submit_generation`, for requests with ``image_urls`` (``type: image_edit``)."""
+    return _submit(request, credentials, key, label, budget, ledger, edit=True)
+
+
+@task(name="eggapi-submit-generation", **_SUBMIT_OPTS)
+async def asubmit_generation(
+    request: GenerateRequest | dict[str, Any],
+    credentials: EggAPICredentials | None = None,
+    *,
+    key: str | None = None,
+    label: str | None = None,
+    budget: Decimal | float | str | None = None,
+    ledger: LedgerStore | None = None,
+) -> Task:
+    """Async :func:`submit_generation`."""
+    return await _in_thread(
+        partial(_submit, request, credentials, key, label, budget, ledger, False)
+    )
+
+
+@task(name="eggapi-submit-edit", **_SUBMIT_OPTS)
+async def asubmit_edit(
+    request: GenerateRequest | dict[str, Any],
+    credentials: EggAPICredentials | None = None,
+    *,
+    key: str | None = None,
+    label: str | None = None,
+    budget: Decimal | float | str | None = None,
+    ledger: LedgerStore | None = None,
+) -> Task:
+    """Async :func:`submit_edit`."""
+    return await _in_thread(
+        partial(_submit, request, credentials, key, label, budget, ledger, True)
+    )
+
+
+# --------------------------------------------------------------------------- wait
+
+
+class _WaitObserver:
+    """Logs and progress on status changes only; counts polls for the ledger and report."""
+
+    def __init__(self, task_id: str, label: str | None, progress: bool) -> None:
+        self.logger = _logger()
+        self.task_id = task_id
+        self.polls = 0
+        self.status: TaskStatus | None = None
+        name = " · ".join(p for p in (f"EggAPI task {task_id}", label or "") if p)
+        self.progress = Progress(name) if progress else None
+
+    def __call__(self, task: Task) -> None:
+        self.polls += 1
+        if task.status is self.status:
+            return
+        self.status = task.status
+        self.logger.info("EggAPI task %s is %s", task.id, task.status.value)
+        if self.progress is not None:
+            percent = {TaskStatus.PENDING: 10, TaskStatus.PROCESSING: 50}.get(task.status, 100)
+            self.progress.update(percent, f"{task.id}: {task.status.value}")
+
+    def finished(self, ledger: LedgerStore, task: Task) -> Task:
+        record_outcome(ledger, task.id, task=task, polls=self.polls)
+        self.logger.info(
+            "EggAPI task %s completed: %d output(s), cost %s, %d poll(s)",
+            task.id,
+            len(task.output_urls),
+            task.cost or "?",
+            self.polls,
+        )
+        emit_task_event(
+            "completed",
+            task.id,
+            task=task,
+            polls=self.polls,
+            outputs=len(task.output_urls),
+            queue_seconds=task.queue_seconds,
+            processing_seconds=task.processing_seconds,
+        )
+        return task
+
+    def failed(self, ledger: LedgerStore, exc: EggAPIError) -> None:
+        record_outcome(ledger, self.task_id, error=exc, polls=self.polls)
+        if isinstance(exc, TaskAbandonedError):
+            self.logger.error("%s", exc)
+            emit_task_event(
+                "abandoned",
+                self.task_id,
+                waited_seconds=exc.waited_seconds,
+                last_status=exc.last_status,
+            )
+        elif isinstance(exc, TaskFailedError | EmptyOutputError):
+            self.logger.error("%s (%s)", exc, exc.classification.value)
+            emit_task_event(
+                "failed", self.task_id, task=exc.task, classification=exc.classification.value
+            )
+
+
+_WAIT_OPTS: dict[str, Any] = dict(cache_policy=NO_CACHE, task_run_name=_run_name("wait"))
+
+
+@task(name="eggapi-wait", **_WAIT_OPTS)
+def wait_for_task(
+    task: Task | str,
+    credentials: EggAPICredentials | None = None,
+    *,
+    timeout: float = DEFAULT_WAIT_SECONDS,
+    poll: PollPolicy | None = None,
+    label: str | None = None,
+    progress: bool = True,
+    ledger: LedgerStore | None = None,
+) -> Task:
+    """Poll inside this one task run until the EggAPI task finishes or ``timeout`` passes.
+
+    Raises :class:`TaskFailedError` (moderation: :class:`ContentModerationError`),
+    :class:`EmptyOutputError`, or :class:`TaskAbandonedError` at the deadline; the ledger records
+    each so a later submit knows whether a fresh attempt is due.
+    """
+    book = ledger or default_ledger()
+    task_id = task.id if isinstance(task, Task) else task
+    observer = _WaitObserver(task_id, label, progress)
+    creds = credentials or EggAPICredentials()
+    with creds.get_client(poll) as client:
+        try:
+            done = client.wait_for_task(task, timeout=timeout, on_poll=observer)
+        except (TaskAbandonedError, TaskFailedError, EmptyOutputError) as exc:
+            observer.failed(book, exc)
+            raise
+    return observer.finished(book, done)
+
+
+@task(name="eggapi-wait", **_WAIT_OPTS)
+async def await_for_task(
+    task: Task | str,
+    credentials: EggAPICredentials | None = None,
+    *,
+    timeout: float = DEFAULT_WAIT_SECONDS,
+    poll: PollPolicy | None = None,
+    label: str | None = None,
+    progress: bool = True,
+    ledger: LedgerStore | None = None,
+) -> Task:
+    """Async :func:`wait_for_task`: hundreds can wait concurrently on one event loop."""
+    book = ledger or default_ledger()
+    task_id = task.id if isinstance(task, Task) else task
+    observer = await _in_thread(lambda: _WaitObserver(task_id, label, progress))
+    creds = credentials or EggAPICredentials()
+    async with creds.get_async_client(poll) as client:
+        try:
+            done = await client.wait_for_task(task, timeout=timeout, on_poll=observer)
+        except (TaskAbandonedError, TaskFailedError, EmptyOutputError) as exc:
+            await _in_thread(partial(observer.failed, book, exc))
+            raise
+    return await _in_thread(partial(observer.finished, book, done))
+
+
+# --------------------------------------------------------------------------- persist
+
+
+def _persist(
+    task: Task,
+    store: OutputStore | S3Settings | Any | None,
+    credentials: EggAPICredentials | None,
+    label: str | None,
+    metadata: Mapping[str, str] | None,
+    image_artifacts: bool,
+    ledger: LedgerStore | None,
+) -> list[StoredImage]:
+    logger = _logger()
+    if task.status is not TaskStatus.COMPLETED:
+        raise InvalidRequestError([("task", f"is {task.status.value}, not completed")])
+    urls = task.output_urls
+    if not urls:
+        raise EmptyOutputError(task)
+    target = _store(store)
+    book = ledger or default_ledger()
+    entry = book.find_task(task.id)
+    meta = {
+        "model": task.model or "",
+        "cost": str(task.cost_amount),
+        "request-fingerprint": entry.fingerprint if entry else "",
+        **(metadata or {}),
+    }
+    stored: list[StoredImage] = []
+    creds = credentials or EggAPICredentials()
+    client: EggAPIClient | None = None
+    try:
+        for index, url in enumerate(urls):
+            existing = target.find_existing(task.id, index)
+            if existing is not None:
+                stored.append(existing)
+                continue
+            client = client or creds.get_client()
+            with client.stream_output(url) as (chunks, _):
+                stored.append(target.persist(chunks, task_id=task.id, index=index, metadata=meta))
+    finally:
+        if client is not None:
+            client.close()
+    new = sum(s.created for s in stored)
+    logger.info(
+        "Stored %d output(s) of EggAPI task %s (%d new, %d already there): %s",
+        len(stored),
+        task.id,
+        new,
+        len(stored) - new,
+        ", ".join(s.uri for s in stored),
+    )
+    record_outcome(book, task.id, outputs=[s.model_dump(mode="json") for s in stored])
+    if image_artifacts:
+        described = " · ".join(p for p in (label or "", task.id) if p)
+        publish_images(
+            [(target.presign_get(s.key), f"{described} #{i}") for i, s in enumerate(stored)]
+        )
+    emit_task_event("persisted", task.id, task=task, uris=[s.uri for s in stored])
+    return stored
+
+
+_PERSIST_OPTS: dict[str, Any] = dict(
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[1, 5, 15],
+    retry_condition_fn=retry_transient,
+    task_run_name=_run_name("persist"),
+)
+
+
+@task(name="eggapi-persist-outputs", **_PERSIST_OPTS)
+def download_outputs(
+    task: Task,
+    store: OutputStore | S3Settings | Any | None = None,
+    credentials: EggAPICredentials | None = None,
+    *,
+    label: str | None = None,
+    metadata: dict[str, str] | None = None,
+    image_artifacts: bool = True,
+    ledger: LedgerStore | None = None,
+) -> list[StoredImage]:
+    """Stream every output of a completed task into S3 (deterministic keys; reruns skip).
+
+    ``store`` is an :class:`OutputStore`, :class:`S3Settings`, a prefect-aws ``S3Bucket``, or
+    None for ``S3Settings.from_env()``. Returns references, never bytes.
+    """
+    return _persist(task, store, credentials, label, metadata, image_artifacts, ledger)
+
+
+@task(name="eggapi-persist-outputs", **_PERSIST_OPTS)
+async def adownload_outputs(
+    task: Task,
+    store: OutputStore | S3Settings | Any | None = None,
+    credentials: EggAPICredentials | None = None,
+    *,
+    label: str | None = None,
+    metadata: dict[str, str] | None = None,
+    image_artifacts: bool = True,
+    ledger: LedgerStore | None = None,
+) -> list[StoredImage]:
+    """Async :func:`download_outputs` (the transfer runs in a worker thread)."""
+    return await _in_thread(
+        partial(_persist, task, store, credentials, label, metadata, image_artifacts, ledger)
+    )
+
+
+# --------------------------------------------------------------------------- all three
+
+
+class GenerationResult(BaseModel):
+    """What one generation produced: the task, where its images are, and what it cost."""
+
+    label: str = ""
+    prompt: str
+    model: str
+    task_id: str
+    status: str
+    cost: Decimal
+    queue_seconds: float | None = None
+    processing_seconds: float | None = None
+    polls: int = 0
+    output_urls: list[str] = Field(default_factory=list)
+    stored: list[StoredImage] = Field(default_factory=list)
+
+    def report_row(self) -> ReportRow:
+        return ReportRow(
+            label=self.label,
+            prompt=self.prompt,
+            task_id=self.task_id,
+            status=self.status,
+            queue_seconds=self.queue_seconds,
+            processing_seconds=self.processing_seconds,
+            polls=self.polls,
+            cost=self.cost,
+            stored=", ".join(s.uri for s in self.stored),
+        )
+
+
+def result_of(
+    request: GenerateRequest,
+    task: Task,
+    stored: list[StoredImage],
+    *,
+    label: str | None = None,
+    ledger: LedgerStore | None = None,
+) -> GenerationResult:
+    entry = (ledger or default_ledger()).find_task(task.id)
+    return GenerationResult(
+        label=label or "",
+        prompt=request.prompt,
+        model=request.model,
+        task_id=task.id,
+        status=task.status.value,
+        cost=task.cost_amount,
+        queue_seconds=task.queue_seconds,
+        processing_seconds=task.processing_seconds,
+        polls=entry.polls if entry else 0,
+        output_urls=task.output_urls,
+        stored=stored,
+    )
+
+
+def _generate(
+    request: GenerateRequest | Mapping[str, Any],
+    store: OutputStore | S3Settings | Any | None,
+    credentials: EggAPICredentials | None,
+    key: str | None,
+    label: str | None,
+    budget: Decimal | float | str | None,
+    timeout: float,
+    image_artifacts: bool,
+    ledger: LedgerStore | None,
+) -> GenerationResult:
+    req = _coerce(request)
+    book = ledger or default_ledger()
+    created = _submit(req, credentials, key, label, budget, book, edit=False)
+    done = wait_for_task.fn(
+        created, credentials, timeout=timeout, label=label, progress=False, ledger=book
+    )
+    stored = _persist(done, store, credentials, label, None, image_artifacts, book)
+    return result_of(req, done, stored, label=label, ledger=book)
+
+
+_GENERATE_OPTS: dict[str, Any] = dict(
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_generation,
+    task_run_name=_request_name("generate"),
+)
+
+
+@task(name="eggapi-generate-image", **_GENERATE_OPTS)
+def generate_image(
+    request: GenerateRequest | dict[str, Any],
+    store: OutputStore | S3Settings | Any | None = None,
+    credentials: EggAPICredentials | None = None,
+    *,
+    key: str | None = None,
+    label: str | None = None,
+    budget: Decimal | float | str | None = None,
+    timeout: float = DEFAULT_WAIT_SECONDS,
+    image_artifacts: bool = True,
+    ledger: LedgerStore | None = None,
+) -> GenerationResult:
+    """Submit, wait and persist in one task run; a retry resumes where the last one stopped.
+
+    An upstream failure of the remote task starts a fresh (billable) attempt on retry; moderation
+    failures, validation errors and abandoned deadlines do not retry.
+    """
+    return _generate(
+        request, store, credentials, key, label, budget, timeout, image_artifacts, ledger
+    )
+
+
+@task(name="eggapi-generate-image", **_GENERATE_OPTS)
+async def agenerate_image(
+    request: GenerateRequest | dict[str, Any],
+    store: OutputStore | S3Settings | Any | None = None,
+    credentials: EggAPICredentials | None = None,
+    *,
+    key: str | None = None,
+    label: str | None = None,
+    budget: Decimal | float | str | None = None,
+    timeout: float = DEFAULT_WAIT_SECONDS,
+    image_artifacts: bool = True,
+    ledger: LedgerStore | None = None,
+) -> GenerationResult:
+    """Async :func:`generate_image`: the wait runs on the event loop, transfers in threads."""
+    req = _coerce(request)
+    book = ledger or default_ledger()
+    created = await _in_thread(partial(_submit, req, credentials, key, label, budget, book, False))
+    done = await await_for_task.fn(
+        created, credentials, timeout=timeout, label=label, progress=False, ledger=book
+    )
+    stored = await _in_thread(
+        partial(_persist, done, store, credentials, label, None, image_artifacts, book)
+    )
+    return result_of(req, done, stored, label=label, ledger=book)
