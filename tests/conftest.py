@@ -11,7 +11,6 @@ import tempfile
 _PREFECT_HOME = tempfile.mkdtemp(prefix="eggapi-prefect-home-")
 os.environ.setdefault("PREFECT_HOME", _PREFECT_HOME)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 # Never let a developer's real key leak into the tests.
 os.environ.pop("EGGAPI_API_KEY", None)
 os.environ.pop("EGGAPI_BASE_URL", None)

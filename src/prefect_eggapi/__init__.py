@@ -36,6 +36,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'prefect_eggapi' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    # `prefect block register -m prefect_eggapi` discovers blocks through dir().
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "AmbiguousSubmitError",
     "AsyncEggAPIClient",

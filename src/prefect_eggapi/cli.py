@@ -1,4 +1,4 @@
-"""The ``prefect-eggapi`` command: ``emulator``, ``stack`` and ``demo``.
+"""The ``prefect-eggapi`` command: ``emulator``, ``stack``, ``demo`` and ``webhooks``.
 
 Subcommands live beside what they run and register themselves through ``configure_parser``;
 this module only dispatches, so ``prefect-eggapi --help`` stays fast (no Prefect import).
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "emulator": "prefect_eggapi.emulator.cli",
     "stack": "prefect_eggapi.stack",
     "demo": "prefect_eggapi.demo",
+    "webhooks": "prefect_eggapi.receiver",
 }
 
 

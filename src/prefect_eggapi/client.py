@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, Protocol, TypeVar
 
 import httpx
 from pydantic import BaseModel, SecretStr
@@ -350,6 +350,22 @@ class _BaseClient:
         return task
 
 
+class TaskSignals(Protocol):
+    """Something that can wake a wait early, e.g. verified webhooks (see ``webhooks``).
+
+    A signal is only a hint to poll now: the task is always re-read with ``GET /v1/tasks/{id}``.
+    Polling continues on its (slower) schedule, so a lost signal still completes the wait.
+    """
+
+    def wait(self, task_id: str, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds; True as soon as ``task_id`` was signalled."""
+        ...
+
+    async def await_signal(self, task_id: str, timeout: float) -> bool:
+        """Async twin of :meth:`wait`."""
+        ...
+
+
 class _Wait:
     """One wait's state: deadline, poll schedule, last task seen."""
 
@@ -502,6 +518,7 @@ class EggAPIClient(_BaseClient):
         poll: PollPolicy | None = None,
         raise_on_failure: bool = True,
         on_poll: Callable[[Task], None] | None = None,
+        signals: TaskSignals | None = None,
     ) -> Task:
         """Poll until the task is terminal or ``timeout`` seconds (wall clock) have passed.
 
@@ -510,7 +527,11 @@ class EggAPIClient(_BaseClient):
         """
         wait = _Wait(self, task, timeout, poll)
         while not wait.done:
-            time.sleep(wait.next_sleep())
+            delay = wait.next_sleep()
+            if signals is not None and wait.last is not None:
+                signals.wait(wait.task_id, delay)
+            else:
+                time.sleep(delay)
             try:
                 wait.last = self.get_task(wait.task_id)
             except EggAPIError as exc:
@@ -659,11 +680,16 @@ class AsyncEggAPIClient(_BaseClient):
         poll: PollPolicy | None = None,
         raise_on_failure: bool = True,
         on_poll: Callable[[Task], None] | None = None,
+        signals: TaskSignals | None = None,
     ) -> Task:
         """Async twin of :meth:`EggAPIClient.wait_for_task`."""
         wait = _Wait(self, task, timeout, poll)
         while not wait.done:
-            await asyncio.sleep(wait.next_sleep())
+            delay = wait.next_sleep()
+            if signals is not None and wait.last is not None:
+                await signals.await_signal(wait.task_id, delay)
+            else:
+                await asyncio.sleep(delay)
             try:
                 wait.last = await self.get_task(wait.task_id)
             except EggAPIError as exc:

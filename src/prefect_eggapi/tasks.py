@@ -22,7 +22,7 @@ from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, Field
 
 from prefect_eggapi.artifacts import Progress, ReportRow, emit_task_event, publish_images
-from prefect_eggapi.client import EggAPIClient
+from prefect_eggapi.client import EggAPIClient, TaskSignals
 from prefect_eggapi.credentials import EggAPICredentials
 from prefect_eggapi.errors import (
     EggAPIError,
@@ -359,6 +359,7 @@ def wait_for_task(
     label: str | None = None,
     progress: bool = True,
     ledger: LedgerStore | None = None,
+    signals: TaskSignals | None = None,
 ) -> Task:
     """Poll inside this one task run until the EggAPI task finishes or ``timeout`` passes.
 
@@ -372,7 +373,7 @@ def wait_for_task(
     creds = credentials or EggAPICredentials()
     with creds.get_client(poll) as client:
         try:
-            done = client.wait_for_task(task, timeout=timeout, on_poll=observer)
+            done = client.wait_for_task(task, timeout=timeout, on_poll=observer, signals=signals)
         except (TaskAbandonedError, TaskFailedError, EmptyOutputError) as exc:
             observer.failed(book, exc)
             raise
@@ -389,6 +390,7 @@ async def await_for_task(
     label: str | None = None,
     progress: bool = True,
     ledger: LedgerStore | None = None,
+    signals: TaskSignals | None = None,
 ) -> Task:
     """Async :func:`wait_for_task`: hundreds can wait concurrently on one event loop."""
     book = ledger or default_ledger()
@@ -397,7 +399,9 @@ async def await_for_task(
     creds = credentials or EggAPICredentials()
     async with creds.get_async_client(poll) as client:
         try:
-            done = await client.wait_for_task(task, timeout=timeout, on_poll=observer)
+            done = await client.wait_for_task(
+                task, timeout=timeout, on_poll=observer, signals=signals
+            )
         except (TaskAbandonedError, TaskFailedError, EmptyOutputError) as exc:
             await _in_thread(partial(observer.failed, book, exc))
             raise

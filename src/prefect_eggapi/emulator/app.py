@@ -288,6 +288,7 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
             task.width,
             task.height,
             state.config.png_compress_level,
+            state.config.png_noise,
         )
         fired = state.faults.match(DOWNLOAD_KINDS, "download", None, task_id)
         if fired is not None and fired.kind == "truncated_download":

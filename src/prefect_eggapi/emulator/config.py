@@ -146,6 +146,9 @@ class EmulatorConfig(BaseModel):
     faults: list[FaultRule] = Field(default_factory=list)
     image_cache_bytes: int = Field(256 * 1024 * 1024, ge=0)
     png_compress_level: int = Field(1, ge=0, le=9)
+    png_noise: bool = Field(
+        False, description="Fill outputs with random pixels: realistic (large) file sizes."
+    )
     admin_loopback_only: bool = Field(True, description="Admin API answers loopback clients only.")
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import random
 import threading
 from collections import OrderedDict
 
@@ -33,12 +34,23 @@ def output_size(model: str, aspect_ratio: str, resolution: str) -> tuple[int, in
     return width, height
 
 
-def render_png(task_id: str, index: int, width: int, height: int, compress_level: int = 1) -> bytes:
-    """Draw one output image and return the PNG bytes."""
+def render_png(
+    task_id: str, index: int, width: int, height: int, compress_level: int = 1, noise: bool = False
+) -> bytes:
+    """Draw one output image and return the PNG bytes.
+
+    ``noise`` fills the canvas with seeded random pixels so files reach realistic sizes (a 4k
+    photo-like PNG is tens of MB; flat drawings compress to a few hundred KB), for memory tests.
+    """
     digest = hashlib.sha256(f"{task_id}/{index}".encode()).digest()
     background = (digest[0], digest[1], digest[2])
     foreground = (255 - digest[0], 255 - digest[1], 255 - digest[2])
-    image = Image.new("RGB", (width, height), background)
+    if noise:
+        pixels = random.Random(digest).randbytes(width * height * 3)
+        image = Image.frombytes("RGB", (width, height), pixels)
+        del pixels
+    else:
+        image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
     for i in range(8):
         colour = (digest[3 + i], digest[11 + i], digest[19 + i])
@@ -86,7 +98,13 @@ class ImageCache:
             return data
 
     def get_or_render(
-        self, task_id: str, index: int, width: int, height: int, compress_level: int
+        self,
+        task_id: str,
+        index: int,
+        width: int,
+        height: int,
+        compress_level: int,
+        noise: bool = False,
     ) -> bytes:
         """Return the cached PNG or render it (once, even under concurrent downloads)."""
         key = (task_id, index)
@@ -99,7 +117,7 @@ class ImageCache:
             data = self._lookup(key)
             if data is not None:
                 return data
-            data = render_png(task_id, index, width, height, compress_level)
+            data = render_png(task_id, index, width, height, compress_level, noise)
             with self._lock:
                 self.renders += 1
                 self._render_locks.pop(key, None)
