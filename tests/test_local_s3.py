@@ -59,7 +59,7 @@ def _client(server: LocalS3, access_key: str, secret_key: str):  # type: ignore[
         config=Config(
             s3={"addressing_style": "path"},
             signature_version="s3v4",
-            retries={"mode": "standard", "max_attempts": 1},
+            retries={"mode": "standard", "total_max_attempts": 1},
         ),
     )
 

@@ -47,7 +47,9 @@ MiB = 1024 * 1024
 # -- image helpers ----------------------------------------------------------------------------
 
 
-def png_bytes(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+def png_bytes(
+    width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30)
+) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buf, format="PNG")
     return buf.getvalue()
@@ -279,8 +281,9 @@ def test_memory_stays_bounded_for_large_streams(local_s3: LocalS3, s3_bucket: st
     expected = hashlib.sha256(b"".join(_fake_png_stream(total))).hexdigest()
     assert stored.sha256 == expected and stored.size > total
     assert (stored.width, stored.height) == (4000, 3000)
-    # spool (1 MiB in RAM) + 2 parts of 5 MiB in flight, plus overhead: far below 40 MiB
-    assert peak < 20 * MiB, f"peak {peak / MiB:.1f} MiB"
+    # spool (1 MiB in RAM) + (2 in flight + 1 being read) parts of 5 MiB, plus overhead;
+    # ~18 MiB measured, well below the 40 MiB that holding the image would take
+    assert peak < 25 * MiB, f"peak {peak / MiB:.1f} MiB"
 
 
 def test_failing_stream_leaves_nothing(output_store: OutputStore) -> None:

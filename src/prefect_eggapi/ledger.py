@@ -14,23 +14,30 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from decimal import Decimal
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+T = TypeVar("T")
+
 DEFAULT_LEDGER_DIR = Path(".eggapi")
 LEDGER_DIR_ENV = "EGGAPI_LEDGER_DIR"
+LEDGER_URI_ENV = "EGGAPI_LEDGER_URI"
 
 
 class EntryState(str, Enum):
@@ -133,6 +140,22 @@ class LedgerStore(Protocol):
 
     @contextmanager
     def transaction(self) -> Iterator[None]: ...
+
+
+class LedgerConflictError(Exception):
+    """Another writer changed the entry between our read and our write; re-read and retry."""
+
+
+def with_conflict_retry(fn: Callable[[], T], attempts: int = 20) -> T:
+    """Run a read-modify-write against the ledger, again on optimistic-concurrency conflicts."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except LedgerConflictError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(min(0.5, 0.01 * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
 
 
 class SQLiteLedger:
@@ -238,14 +261,163 @@ class SQLiteLedger:
         return [e for e in out if states is None or e.state in states]
 
 
-def default_ledger() -> SQLiteLedger:
-    """One store per process and path, so threads share connections per thread."""
-    path = Path(os.environ.get(LEDGER_DIR_ENV) or DEFAULT_LEDGER_DIR).resolve()
+class S3Ledger:
+    """Entries as JSON objects in a bucket, shared by every worker on every machine.
+
+    Writes are compare-and-swap (``If-Match`` on the ETag read in the same transaction, or
+    ``If-None-Match: *`` for a new entry), so two workers claiming the same work cannot both win:
+    the loser gets :class:`LedgerConflictError` and re-plans. Per-scope spend is kept in marker
+    object *names* (``spend/<scope>/<key>.<micro-dollars>``) so one LIST sums a budget.
+    """
+
+    def __init__(self, s3_client: S3Client, bucket: str, prefix: str = "eggapi/ledger") -> None:
+        self._s3 = s3_client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"S3Ledger(s3://{self.bucket}/{self.prefix})"
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def _entry_key(self, key: str) -> str:
+        return f"{self.prefix}/entries/{key}.json"
+
+    def _task_key(self, task_id: str) -> str:
+        return f"{self.prefix}/tasks/{task_id}"
+
+    def _spend_prefix(self, scope: str) -> str:
+        return f"{self.prefix}/spend/{hashlib.sha256(scope.encode()).hexdigest()[:32]}/"
+
+    def _list(self, prefix: str) -> Iterator[str]:
+        pages = self._s3.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        for page in pages:
+            for obj in page.get("Contents", []):
+                yield obj["Key"]
+
+    # -- transactions: remember what we read, write only if unchanged -----------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        outer = getattr(self._local, "seen", None)
+        if outer is None:
+            self._local.seen = {}
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._local.seen = None
+
+    def _read(self, object_key: str) -> tuple[bytes, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self._s3.get_object(Bucket=self.bucket, Key=object_key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise
+        return obj["Body"].read(), obj["ETag"]
+
+    def get(self, key: str) -> LedgerEntry | None:
+        found = self._read(self._entry_key(key))
+        seen = getattr(self._local, "seen", None)
+        if seen is not None:
+            seen[key] = found[1] if found else None
+        return LedgerEntry.model_validate_json(found[0]) if found else None
+
+    def put(self, entry: LedgerEntry) -> None:
+        from botocore.exceptions import ClientError
+
+        entry.updated_at = datetime.now(timezone.utc)
+        seen = getattr(self._local, "seen", None)
+        condition: dict[str, str] = {}
+        if seen is not None and entry.key in seen:
+            etag = seen[entry.key]
+            condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        try:
+            result = self._s3.put_object(
+                Bucket=self.bucket,
+                Key=self._entry_key(entry.key),
+                Body=entry.model_dump_json().encode(),
+                ContentType="application/json",
+                **condition,  # type: ignore[arg-type]
+            )
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+                raise LedgerConflictError(entry.key) from exc
+            raise
+        if seen is not None:
+            seen[entry.key] = result["ETag"]
+        if entry.task_id:
+            self._s3.put_object(
+                Bucket=self.bucket, Key=self._task_key(entry.task_id), Body=entry.key.encode()
+            )
+        self._write_spend(entry)
+
+    def _write_spend(self, entry: LedgerEntry) -> None:
+        if not entry.scope:
+            return
+        prefix = f"{self._spend_prefix(entry.scope)}{entry.key}."
+        micros = int(entry.committed_spend * 1_000_000)
+        marker = f"{prefix}{micros}"
+        stale = [k for k in self._list(prefix) if k != marker]
+        self._s3.put_object(Bucket=self.bucket, Key=marker, Body=b"")
+        for old in stale:
+            self._s3.delete_object(Bucket=self.bucket, Key=old)
+
+    def find_task(self, task_id: str) -> LedgerEntry | None:
+        found = self._read(self._task_key(task_id))
+        return self.get(found[0].decode()) if found else None
+
+    def known_task_ids(self) -> set[str]:
+        base = f"{self.prefix}/tasks/"
+        return {k[len(base) :] for k in self._list(base)}
+
+    def scope_spend(self, scope: str) -> Decimal:
+        total = Decimal(0)
+        for key in self._list(self._spend_prefix(scope)):
+            total += Decimal(int(key.rsplit(".", 1)[1])) / 1_000_000
+        return total
+
+    def entries(self, states: set[EntryState] | None = None) -> list[LedgerEntry]:
+        out = []
+        for object_key in self._list(f"{self.prefix}/entries/"):
+            found = self._read(object_key)
+            if found:
+                entry = LedgerEntry.model_validate_json(found[0])
+                if states is None or entry.state in states:
+                    out.append(entry)
+        return out
+
+
+def default_ledger() -> LedgerStore:
+    """The store named by ``EGGAPI_LEDGER_URI`` (``s3://bucket/prefix`` to share it across
+    machines), else SQLite under ``EGGAPI_LEDGER_DIR`` (default ``./.eggapi``). One instance
+    per process and location, so threads reuse connections.
+    """
+    uri = os.environ.get(LEDGER_URI_ENV, "").strip()
+    if uri:
+        if not uri.startswith("s3://") or len(uri) <= len("s3://"):
+            raise ValueError(f"{LEDGER_URI_ENV} must look like s3://bucket/prefix, got {uri!r}")
+        bucket, _, prefix = uri[len("s3://") :].partition("/")
+        ident: str | Path = uri
+    else:
+        ident = Path(os.environ.get(LEDGER_DIR_ENV) or DEFAULT_LEDGER_DIR).resolve()
     with _DEFAULTS_LOCK:
-        if path not in _DEFAULTS:
-            _DEFAULTS[path] = SQLiteLedger(path / "ledger.sqlite3")
-        return _DEFAULTS[path]
+        if ident not in _DEFAULTS:
+            if isinstance(ident, Path):
+                _DEFAULTS[ident] = SQLiteLedger(ident / "ledger.sqlite3")
+            else:
+                from prefect_eggapi.storage import S3Settings, build_s3_client
+
+                client = build_s3_client(S3Settings.from_env(bucket=bucket))
+                _DEFAULTS[ident] = S3Ledger(client, bucket, prefix or "eggapi/ledger")
+        return _DEFAULTS[ident]
 
 
-_DEFAULTS: dict[Path, SQLiteLedger] = {}
+_DEFAULTS: dict[str | Path, LedgerStore] = {}
 _DEFAULTS_LOCK = threading.Lock()

@@ -323,7 +323,7 @@ class LocalS3:
         config = Config(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
             signature_version="s3v4",
             s3={"addressing_style": "path"},
         )

@@ -385,7 +385,7 @@ def make_transfer_config(
     multipart_chunksize: int = 8 * MiB,
     max_concurrency: int = 4,
 ) -> TransferConfig:
-    """A TransferConfig whose upload memory is bounded by ``max_concurrency * chunksize``.
+    """A TransferConfig whose upload memory is about ``(max_concurrency + 1) * chunksize``.
 
     s3transfer reads each part of a file object into memory and by default allows 10 of them;
     we allow only as many as can be in flight. The classic transfer client is pinned so that a
@@ -410,7 +410,7 @@ def build_s3_client(settings: S3Settings) -> S3Client:
     config = Config(
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
-        retries={"mode": "standard", "max_attempts": settings.max_attempts},
+        retries={"mode": "standard", "total_max_attempts": settings.max_attempts},
         signature_version="s3v4",
         s3={"addressing_style": "path"} if settings.endpoint_url else None,
     )

@@ -42,6 +42,7 @@ from prefect_eggapi.ledger import (
     ledger_key,
     owner_id,
     owner_is_dead,
+    with_conflict_retry,
 )
 from prefect_eggapi.models import GenerateRequest, Task, TaskStatus
 from prefect_eggapi.pricing import estimate_cost
@@ -167,12 +168,17 @@ class Submitter:
             estimate=estimate_cost(request),
         )
         wait_until = time.monotonic() + self.lease_seconds + 5
-        while True:
+
+        def decide() -> _Plan:
             with self.ledger.transaction():
-                plan = self._plan(self.ledger.get(key), fresh)
+                plan = self._plan(self.ledger.get(key), fresh.model_copy(deep=True))
                 if plan.action == "post":
                     self._check_budget(plan.entry, budget)
                     self._claim(plan.entry)
+                return plan
+
+        while True:
+            plan = with_conflict_retry(decide)
             if plan.action != "wait" or time.monotonic() > wait_until:
                 break
             time.sleep(self.owner_wait_poll)
@@ -273,6 +279,19 @@ def record_outcome(
     polls: int = 0,
 ) -> LedgerEntry | None:
     """Move the ledger entry of ``task_id`` forward after a wait or a persist."""
+    return with_conflict_retry(
+        lambda: _record_outcome(ledger, task_id, task, error, outputs, polls)
+    )
+
+
+def _record_outcome(
+    ledger: LedgerStore,
+    task_id: str,
+    task: Task | None,
+    error: BaseException | None,
+    outputs: list[dict[str, Any]] | None,
+    polls: int,
+) -> LedgerEntry | None:
     with ledger.transaction():
         entry = ledger.find_task(task_id)
         if entry is None or entry.task_id != task_id:

@@ -1,0 +1,178 @@
+"""The submission ledger on its own: concurrency, crash recovery, budgets; SQLite and S3 stores."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from prefect_eggapi.client import EggAPIClient
+from prefect_eggapi.errors import BudgetExceededError, ReconciliationError
+from prefect_eggapi.ledger import (
+    EntryState,
+    LedgerEntry,
+    S3Ledger,
+    SQLiteLedger,
+    ledger_key,
+)
+from prefect_eggapi.models import GenerateRequest
+from prefect_eggapi.submission import Submitter
+
+pytestmark = pytest.mark.integration
+
+REQ = GenerateRequest(model="nanobanana", prompt="a paper boat on a pond")
+
+
+@pytest.fixture(params=["sqlite", "s3"])
+def store(request, tmp_path, local_s3, s3_bucket):
+    if request.param == "sqlite":
+        return SQLiteLedger(tmp_path / "ledger.sqlite3")
+    return S3Ledger(local_s3.client(), s3_bucket, prefix="ledger-test")
+
+
+@pytest.fixture
+def client(emulator, emulator_api_key):
+    with EggAPIClient(emulator_api_key, emulator.base_url, rate_limit=None) as c:
+        yield c
+
+
+def test_concurrent_submits_of_one_key_pay_once(store, client, emulator):
+    results: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def worker() -> None:
+        try:
+            start.wait()
+            outcome = Submitter(client, store, settle_seconds=0.2).submit(
+                REQ, logical_key="race/item-0", scope="race"
+            )
+            results.append(outcome.task.id)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    created = emulator.created_tasks()
+    assert len(created) == 1
+    assert results == [created[0]["task_id"]] * 8
+
+
+def test_dead_owner_mid_post_is_reconciled_not_resubmitted(store, client, emulator):
+    # A process claimed the work, its POST reached the server, and it died before recording.
+    orphan = client.generate(REQ)
+    key = ledger_key("crash/item-0", REQ.fingerprint())
+    store.put(
+        LedgerEntry(
+            key=key, logical_key="crash/item-0", fingerprint=REQ.fingerprint(), scope="crash",
+            state=EntryState.SUBMITTING, model=REQ.model, task_type=REQ.task_type,
+            prompt_sha256="x", estimate=Decimal("0.01"),
+            owner=f"{socket.gethostname()}:999999999:dead", lease_until=time.time() + 60,
+            sent_at=datetime.now(timezone.utc) - timedelta(seconds=1),
+        )
+    )
+    outcome = Submitter(client, store, settle_seconds=0.2).submit(
+        REQ, logical_key="crash/item-0", scope="crash"
+    )
+    assert outcome.adopted and outcome.task.id == orphan.id
+    assert len(emulator.created_tasks()) == 1
+    assert store.find_task(orphan.id).state is EntryState.SUBMITTED
+
+
+def test_dead_owner_whose_post_never_arrived_resubmits_once(store, client, emulator):
+    key = ledger_key("crash/item-1", REQ.fingerprint())
+    store.put(
+        LedgerEntry(
+            key=key, logical_key="crash/item-1", fingerprint=REQ.fingerprint(), scope="crash",
+            state=EntryState.SUBMITTING, model=REQ.model, task_type=REQ.task_type,
+            prompt_sha256="x", owner=f"{socket.gethostname()}:999999999:dead",
+            lease_until=time.time() + 60, sent_at=datetime.now(timezone.utc),
+        )
+    )
+    outcome = Submitter(client, store, settle_seconds=0.2).submit(
+        REQ, logical_key="crash/item-1", scope="crash"
+    )
+    assert not outcome.adopted
+    assert [t["task_id"] for t in emulator.created_tasks()] == [outcome.task.id]
+    assert any("proved nothing was created" in h for h in outcome.entry.history)
+
+
+def test_two_candidates_fail_loudly_with_evidence(store, client, emulator):
+    a = client.generate(REQ)
+    b = client.generate(REQ)
+    key = ledger_key("crash/item-2", REQ.fingerprint())
+    store.put(
+        LedgerEntry(
+            key=key, logical_key="crash/item-2", fingerprint=REQ.fingerprint(), scope="crash",
+            state=EntryState.SUBMITTING, model=REQ.model, task_type=REQ.task_type,
+            prompt_sha256="x", owner=f"{socket.gethostname()}:999999999:dead",
+            lease_until=time.time() + 60, sent_at=datetime.now(timezone.utc) - timedelta(seconds=2),
+        )
+    )
+    with pytest.raises(ReconciliationError) as info:
+        Submitter(client, store, settle_seconds=0.2).submit(
+            REQ, logical_key="crash/item-2", scope="crash"
+        )
+    assert a.id in info.value.evidence and b.id in info.value.evidence
+    assert store.get(key).state is EntryState.AMBIGUOUS
+    assert len(emulator.created_tasks()) == 2  # nothing new was posted
+
+
+def test_budget_is_shared_by_all_submitters_of_a_scope(store, client, emulator):
+    pro4k = dict(model="nanobanana-pro", resolution="4k")
+    done = 0
+    for i in range(4):
+        try:
+            Submitter(client, store).submit(
+                GenerateRequest(prompt=f"p{i}", **pro4k), logical_key=f"b/{i}", scope="b",
+                budget=Decimal("0.07"),
+            )
+            done += 1
+        except BudgetExceededError as exc:
+            assert exc.cap == Decimal("0.07") and exc.estimate == Decimal("0.032")
+    assert done == 2
+    assert store.scope_spend("b") == Decimal("0.064")
+    assert len(emulator.created_tasks()) == 2
+
+
+def test_s3_ledger_detects_lost_update(local_s3, s3_bucket):
+    from prefect_eggapi.ledger import LedgerConflictError
+
+    a = S3Ledger(local_s3.client(), s3_bucket, prefix="cas")
+    b = S3Ledger(local_s3.client(), s3_bucket, prefix="cas")
+    entry = LedgerEntry(key="k1", logical_key="l", fingerprint="f", state=EntryState.SUBMITTING,
+                        model="nanobanana", task_type="image_generate", prompt_sha256="x")
+    with a.transaction():
+        assert a.get("k1") is None
+        with b.transaction():
+            assert b.get("k1") is None
+            b.put(entry)
+        with pytest.raises(LedgerConflictError):
+            a.put(entry)
+
+
+def test_default_ledger_from_s3_uri(local_s3, s3_bucket, monkeypatch, client, emulator):
+    from prefect_eggapi.ledger import default_ledger
+
+    for name, value in local_s3.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EGGAPI_LEDGER_URI", f"s3://{s3_bucket}/shared-ledger")
+    store = default_ledger()
+    assert isinstance(store, S3Ledger) and store.prefix == "shared-ledger"
+    first = Submitter(client, store).submit(REQ, logical_key="uri/0", scope="uri")
+    # A second "worker" with its own store instance on the same URI reconnects.
+    other = S3Ledger(local_s3.client(), s3_bucket, prefix="shared-ledger")
+    again = Submitter(client, other).submit(REQ, logical_key="uri/0", scope="uri")
+    assert again.reconnected and again.task.id == first.task.id
+    assert len(emulator.created_tasks()) == 1
+    monkeypatch.setenv("EGGAPI_LEDGER_URI", "gs://nope")
+    with pytest.raises(ValueError, match="EGGAPI_LEDGER_URI"):
+        default_ledger()
