@@ -56,7 +56,7 @@ from prefect_eggapi.models import (
     check_http_url,
 )
 from prefect_eggapi.polling import DurationStats, PollPolicy, PollSchedule
-from prefect_eggapi.ratelimit import RateLimiter
+from prefect_eggapi.ratelimit import Limiter, RateLimiter
 
 DEFAULT_BASE_URL = "https://api.eggapi.ai"
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=30.0)
@@ -252,17 +252,15 @@ class _BaseClient:
         timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         poll: PollPolicy | None = None,
-        rate_limit: float | RateLimiter | None = 20.0,
+        rate_limit: float | Limiter | None = 20.0,
         user_agent: str | None = None,
     ) -> None:
         self._api_key, self.base_url = _check_credentials(api_key, base_url)
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self.retry = retry or RetryPolicy()
         self.poll = poll or PollPolicy()
-        self.limiter = (
-            rate_limit
-            if isinstance(rate_limit, RateLimiter) or rate_limit is None
-            else RateLimiter(rate_limit)
+        self.limiter: Limiter | None = (
+            RateLimiter(rate_limit) if isinstance(rate_limit, int | float) else rate_limit
         )
         self.durations = DurationStats()
         # Server clock minus ours, learned from 202s; narrows the reconciliation window.

@@ -18,7 +18,7 @@ from pydantic import Field, SecretStr
 from prefect_eggapi.client import DEFAULT_BASE_URL, AsyncEggAPIClient, EggAPIClient, RetryPolicy
 from prefect_eggapi.errors import InvalidRequestError
 from prefect_eggapi.polling import DurationStats, PollPolicy
-from prefect_eggapi.ratelimit import RateLimiter
+from prefect_eggapi.ratelimit import CombinedLimiter, Limiter, RateLimiter
 
 API_KEY_ENV = "EGGAPI_API_KEY"
 BASE_URL_ENV = "EGGAPI_BASE_URL"
@@ -33,6 +33,19 @@ def _shared_state(base_url: str, api_key: str, rate: float) -> tuple[RateLimiter
         if ident not in _SHARED:
             _SHARED[ident] = (RateLimiter(rate), DurationStats())
         return _SHARED[ident]
+
+
+_GLOBAL: dict[str, Limiter] = {}
+
+
+def _global_limiter(name: str) -> Limiter:
+    """One batching limiter per limit name per process, shared by all clients."""
+    from prefect_eggapi.global_limit import GlobalRateLimiter
+
+    with _SHARED_LOCK:
+        if name not in _GLOBAL:
+            _GLOBAL[name] = GlobalRateLimiter(name)
+        return _GLOBAL[name]
 
 
 class EggAPICredentials(Block):
@@ -81,6 +94,13 @@ class EggAPICredentials(Block):
         gt=0,
         description="Client-side request rate shared by every client of this key in a process.",
     )
+    global_rate_limit: str | None = Field(
+        default=None,
+        description=(
+            "Name of a Prefect global concurrency limit with slot decay that every worker draws "
+            "request slots from (see ensure_global_rate_limit)."
+        ),
+    )
     webhook_secrets: list[SecretStr] = Field(
         default_factory=list,
         description="Webhook signing secrets; two are accepted while a secret is rotated.",
@@ -107,12 +127,15 @@ class EggAPICredentials(Block):
             base_url, key.get_secret_value(), self.requests_per_second
         )
         timeout = httpx.Timeout(self.timeout_seconds, connect=self.connect_timeout_seconds)
+        rate: Limiter = limiter
+        if self.global_rate_limit:
+            rate = CombinedLimiter(limiter, _global_limiter(self.global_rate_limit))
         return {
             "api_key": key,
             "base_url": base_url,
             "timeout": timeout,
             "retry": RetryPolicy(max_retries=self.max_retries),
-            "rate_limit": limiter,
+            "rate_limit": rate,
             "poll": poll,
             "_durations": durations,
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Protocol
 
 
 class RateLimiter:
@@ -47,3 +48,29 @@ class RateLimiter:
         delay = self.reserve()
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+class Limiter(Protocol):
+    """What a client needs from a limiter: one slot per request, sync or async."""
+
+    def acquire(self) -> None: ...
+
+    async def aacquire(self) -> None: ...
+
+
+class CombinedLimiter:
+    """All of several limiters, e.g. this process's bucket plus a limit shared by all workers."""
+
+    def __init__(self, *limiters: Limiter) -> None:
+        self.limiters = limiters
+
+    def __repr__(self) -> str:
+        return f"CombinedLimiter{self.limiters!r}"
+
+    def acquire(self) -> None:
+        for limiter in self.limiters:
+            limiter.acquire()
+
+    async def aacquire(self) -> None:
+        for limiter in self.limiters:
+            await limiter.aacquire()
