@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -155,12 +156,12 @@ def _raise_for_envelope(response: httpx.Response, method: str, path: str) -> Any
     return body["data"]
 
 
-def _is_unsent(exc: httpx.TransportError) -> bool:
+def _is_unsent(exc: httpx.RequestError) -> bool:
     """True when the request provably never reached the server."""
     return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout)
 
 
-def _transport_error(exc: httpx.TransportError, method: str, path: str) -> EggAPIError:
+def _transport_error(exc: httpx.RequestError, method: str, path: str) -> EggAPIError:
     cls = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
     return cls(f"{type(exc).__name__} on {method} {path}: {exc}")
 
@@ -194,6 +195,17 @@ def _download_error(response: httpx.Response, url: str) -> DownloadError:
     )
 
 
+@contextmanager
+def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class DownloadStream:
     """Checks a download as it streams: size against Content-Length, sha256, format.
 
@@ -203,9 +215,11 @@ class DownloadStream:
 
     def __init__(self, url: str, response: httpx.Response) -> None:
         self.url = url
+        encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
         self._expected = (
             int(response.headers["content-length"])
-            if response.headers.get("content-length", "").isdigit()
+            # With Content-Encoding the length counts encoded bytes; httpx yields decoded ones.
+            if response.headers.get("content-length", "").isdigit() and not encoded
             else None
         )
         self._hash = hashlib.sha256()
@@ -287,13 +301,17 @@ class _BaseClient:
 
     @staticmethod
     def _check_task_id(task_id: str) -> str:
+        """Ids are opaque, but must stay one path segment: no '/', '?', '#', dot segments."""
         if (
             not isinstance(task_id, str)
             or not task_id
-            or "/" in task_id
-            or task_id.strip() != task_id
+            or task_id in (".", "..")
+            or any(c in task_id for c in "/?#%\\")
+            or any(c.isspace() or not c.isprintable() for c in task_id)
         ):
-            raise InvalidRequestError([("task_id", "must be a non-empty id without '/'")])
+            raise InvalidRequestError(
+                [("task_id", "must be a non-empty id without '/', '?', '#', '%' or spaces")]
+            )
         return task_id
 
     @staticmethod
@@ -320,7 +338,7 @@ class _BaseClient:
         )
 
     def _submit_failed(
-        self, req: GenerateRequest, sent_at: datetime, exc: httpx.TransportError
+        self, req: GenerateRequest, sent_at: datetime, exc: httpx.RequestError
     ) -> EggAPIError:
         """A transport error on submit: retryable only if the request never left."""
         if not _is_unsent(exc):
@@ -444,7 +462,7 @@ class EggAPIClient(_BaseClient):
             try:
                 response = self._send("GET", path, params=params)
                 return _raise_for_envelope(response, "GET", path)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # transport, or a body that cannot be decoded
                 error: EggAPIError = _transport_error(exc, "GET", path)
                 retry_after = None
             except APIStatusError as exc:
@@ -468,7 +486,7 @@ class EggAPIClient(_BaseClient):
             retry_after = None
             try:
                 response = self._send("POST", "/v1/generate", json=payload)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # transport, or a 202 that cannot be decoded
                 outcome: Task | EggAPIError = self._submit_failed(req, sent_at, exc)
             else:
                 outcome = self._submit_answered(req, sent_at, response)
@@ -549,13 +567,17 @@ class EggAPIClient(_BaseClient):
                     raise _download_error(response, url)
                 stream = DownloadStream(url, response)
                 yield stream.checked(response.iter_bytes(DOWNLOAD_CHUNK)), stream
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise DownloadError(f"{type(exc).__name__} while downloading", url=url) from exc
 
     def download(self, url: str, dest: str | Path | IO[bytes]) -> DownloadResult:
-        """Stream one output to a path or binary file; memory stays at one chunk."""
+        """Stream one output to a path or binary file; memory stays at one chunk.
+
+        A path is written to a temporary sibling and renamed only once the download checked out,
+        so a failure never leaves a truncated file under the final name.
+        """
         if isinstance(dest, str | Path):
-            with open(dest, "wb") as fh:
+            with _atomic_file(Path(dest)) as fh:
                 return self.download(url, fh)
         with self.stream_output(url) as (chunks, stream):
             for chunk in chunks:
@@ -604,7 +626,7 @@ class AsyncEggAPIClient(_BaseClient):
             try:
                 response = await self._send("GET", path, params=params)
                 return _raise_for_envelope(response, "GET", path)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # transport, or a body that cannot be decoded
                 error: EggAPIError = _transport_error(exc, "GET", path)
                 retry_after = None
             except APIStatusError as exc:
@@ -626,7 +648,7 @@ class AsyncEggAPIClient(_BaseClient):
             retry_after = None
             try:
                 response = await self._send("POST", "/v1/generate", json=payload)
-            except httpx.TransportError as exc:
+            except httpx.RequestError as exc:  # transport, or a 202 that cannot be decoded
                 outcome: Task | EggAPIError = self._submit_failed(req, sent_at, exc)
             else:
                 outcome = self._submit_answered(req, sent_at, response)
@@ -708,12 +730,12 @@ class AsyncEggAPIClient(_BaseClient):
                     raise _download_error(response, url)
                 stream = DownloadStream(url, response)
                 yield stream.achecked(response.aiter_bytes(DOWNLOAD_CHUNK)), stream
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise DownloadError(f"{type(exc).__name__} while downloading", url=url) from exc
 
     async def download(self, url: str, dest: str | Path | IO[bytes]) -> DownloadResult:
         if isinstance(dest, str | Path):
-            with open(dest, "wb") as fh:
+            with _atomic_file(Path(dest)) as fh:
                 return await self.download(url, fh)
         async with self.stream_output(url) as (chunks, stream):
             async for chunk in chunks:

@@ -126,7 +126,7 @@ class ImageSniffer:
         self._info: ImageInfo | None = None
 
     def feed(self, chunk: bytes) -> None:
-        if self._info is not None and self._info.width is not None:
+        if self._info is not None:  # decided: a size, or "not an image" (never re-sniffed)
             return
         if len(self._head) >= MAX_HEADER_BYTES:
             return

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 from enum import Enum
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -67,12 +68,15 @@ class StrictModel(BaseModel):
             raise InvalidRequestError(problems_from(exc), what=type(self).__name__) from None
 
     @classmethod
-    def parse(cls, data: Any) -> StrictModel:
+    def parse(cls, data: Any) -> Self:
         """Validate a mapping, raising :class:`InvalidRequestError` like the constructor."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise InvalidRequestError(problems_from(exc), what=cls.__name__) from None
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, Mapping):
+            raise InvalidRequestError(
+                [("request", "must be a mapping of fields")], what=cls.__name__
+            )
+        return cls(**data)
 
 
 class GenerateRequest(StrictModel):
@@ -181,6 +185,13 @@ class TaskOutput(Lenient):
         return [self.url] if self.url else []
 
 
+def _aware(value: datetime | None) -> datetime | None:
+    """RFC 3339 requires an offset; a timestamp without one is taken as UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value
+
+
 class Task(Lenient):
     """A generation or edit task as returned by ``GET /v1/tasks/{id}`` (and the 202)."""
 
@@ -194,6 +205,8 @@ class Task(Lenient):
     created_at: datetime | None = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
+
+    _utc = field_validator("created_at", "started_at", "completed_at")(_aware)
 
     @property
     def is_terminal(self) -> bool:

@@ -27,10 +27,13 @@ def parse_cost(value: str | int | float | Decimal | None) -> Decimal:
     """``"$0.0100"`` / ``"$0.00"`` / ``"0.016000"`` / None -> Decimal; garbage raises ValueError."""
     if value is None or value == "":
         return Decimal("0")
-    if isinstance(value, Decimal):
-        return value
-    if isinstance(value, int | float):
-        return Decimal(str(value))
+    if isinstance(value, bool):
+        raise ValueError(f"unrecognised cost: {value!r}")
+    if isinstance(value, int | float | Decimal):
+        amount = Decimal(str(value)) if not isinstance(value, Decimal) else value
+        if not amount.is_finite():
+            raise ValueError(f"cost must be a finite amount, got {value!r}")
+        return amount
     match = _COST.match(value)
     if not match:
         raise ValueError(f"unrecognised cost string: {value!r}")
@@ -51,7 +54,12 @@ def unit_price(model: str, resolution: str | None = None) -> Decimal:
         table = PRICES[model]
     except KeyError:
         raise ValueError(f"no price known for model {model!r}; known: {sorted(PRICES)}") from None
-    return table[resolution or DEFAULT_RESOLUTION]
+    try:
+        return table[resolution or DEFAULT_RESOLUTION]
+    except KeyError:
+        raise ValueError(
+            f"no price known for resolution {resolution!r}; known: {sorted(table)}"
+        ) from None
 
 
 def estimate_cost(request: GenerateRequest) -> Decimal:

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a {style} poster of {subject}",
+    "a poster of {subject}, {style}",
     "{subject}, {style}, wide establishing shot",
     "a {style} illustration of {subject} at golden hour",
 )
@@ -113,9 +113,7 @@ class TemplatePrompts:
         return len(self.templates) * len(self.subjects) * len(self.styles)
 
     def prompts(self) -> list[str]:
-        combos = list(
-            itertools.product(range(len(self.templates)), self.subjects, self.styles)
-        )
+        combos = list(itertools.product(range(len(self.templates)), self.subjects, self.styles))
         picked = random.Random(self.seed).sample(combos, self.count)
         return [self.templates[t].format(subject=s, style=st) for t, s, st in picked]
 
@@ -130,9 +128,7 @@ class ListPrompts:
     def __post_init__(self) -> None:
         items = _clean(self.items, "prompts")
         if self.count is not None and not 1 <= self.count <= len(items):
-            raise ValueError(
-                f"count: {self.count} prompts requested but the list has {len(items)}"
-            )
+            raise ValueError(f"count: {self.count} prompts requested but the list has {len(items)}")
 
     def prompts(self) -> list[str]:
         items = list(self.items)

@@ -155,6 +155,7 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
             scheduler.cancel()
             with suppress(asyncio.CancelledError):
                 await scheduler
+            await state.webhooks.aclose()
 
     app = FastAPI(
         title="EggAPI emulator",

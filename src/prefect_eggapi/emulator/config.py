@@ -26,8 +26,13 @@ FaultKind = Literal[
     "empty_output",
     "slow_download",
     "truncated_download",
+    "webhook_lost",
+    "webhook_duplicate",
+    "webhook_delayed",
+    "webhook_out_of_order",
+    "webhook_bad_signature",
 ]
-FaultEndpoint = Literal["generate", "get_task", "list_tasks", "download", "usage", "any"]
+FaultEndpoint = Literal["generate", "get_task", "list_tasks", "download", "usage", "webhook", "any"]
 
 # Where a fault kind is evaluated; also the default endpoint of each kind.
 FAULT_DEFAULT_ENDPOINT: dict[str, FaultEndpoint] = {
@@ -41,7 +46,14 @@ FAULT_DEFAULT_ENDPOINT: dict[str, FaultEndpoint] = {
     "empty_output": "generate",
     "slow_download": "download",
     "truncated_download": "download",
+    "webhook_lost": "webhook",
+    "webhook_duplicate": "webhook",
+    "webhook_delayed": "webhook",
+    "webhook_out_of_order": "webhook",
+    "webhook_bad_signature": "webhook",
 }
+
+DEFAULT_WEBHOOK_ALLOWED_HOSTS = ["localhost", "127.0.0.0/8", "::1/128"]
 
 
 def key_id(api_key: str) -> str:
@@ -150,6 +162,24 @@ class EmulatorConfig(BaseModel):
         False, description="Fill outputs with random pixels: realistic (large) file sizes."
     )
     admin_loopback_only: bool = Field(True, description="Admin API answers loopback clients only.")
+    webhook_secret: str | None = Field(
+        None,
+        description="Signs webhooks (X-EggAPI-Signature); null sends them unsigned, like the "
+        "real API before a secret is generated in the dashboard.",
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="Timeout of one delivery.")
+    webhook_retries: int = Field(
+        0, ge=0, le=10, description="Retries after a failed delivery (5xx, 429, network error)."
+    )
+    webhook_backoff_seconds: float = Field(
+        1.0, ge=0, description="First retry delay; doubles each retry (1 s, 2 s, 4 s ...)."
+    )
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_ALLOWED_HOSTS),
+        description="Hosts webhooks are delivered to: exact host names or IP networks (CIDR). "
+        "Any valid http(s) webhook_url is accepted at create time; deliveries to other hosts are "
+        "skipped and recorded, never sent.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EmulatorConfig:
@@ -175,6 +205,8 @@ class EmulatorConfig(BaseModel):
             mask_key(k): {**v.model_dump(mode="json"), "key_id": key_id(k)}
             for k, v in self.api_keys.items()
         }
+        if self.webhook_secret:
+            data["webhook_secret"] = mask_key(self.webhook_secret)
         for rule in data["faults"]:
             if rule.get("api_key"):
                 rule["api_key"] = mask_key(rule["api_key"])

@@ -9,6 +9,10 @@ Evaluation points (a rule only ever sees opportunities of its own kind):
   ``error_after_create``, ``drop_after_create``, ``timeout_after_create``.
 - ``outcome``: when a task is created, decides how it ends: ``upstream_failure``, ``empty_output``.
 - ``download``: a download of an existing output file: ``slow_download``, ``truncated_download``.
+- ``webhook``: a terminal task with a ``webhook_url`` (one opportunity per task, per kind):
+  ``webhook_lost``, ``webhook_duplicate``, ``webhook_delayed``, ``webhook_out_of_order``,
+  ``webhook_bad_signature``. Several webhook kinds can fire for one delivery (see
+  :mod:`prefect_eggapi.emulator.webhooks`).
 
 At one point, rules are tried in insertion order; each live rule that matches counts the
 opportunity, and the first whose ``skip`` is used up fires; evaluation stops there.
@@ -28,6 +32,15 @@ PRE_KINDS = frozenset({"http_error", "rate_limit_burst", "error_before_create"})
 POST_CREATE_KINDS = frozenset({"error_after_create", "drop_after_create", "timeout_after_create"})
 OUTCOME_KINDS = frozenset({"upstream_failure", "empty_output"})
 DOWNLOAD_KINDS = frozenset({"slow_download", "truncated_download"})
+WEBHOOK_KINDS = frozenset(
+    {
+        "webhook_lost",
+        "webhook_duplicate",
+        "webhook_delayed",
+        "webhook_out_of_order",
+        "webhook_bad_signature",
+    }
+)
 
 logger = logging.getLogger("prefect_eggapi.emulator.faults")
 

@@ -31,6 +31,7 @@ import httpx
 from .config import EmulatorConfig, FaultRule, key_id
 
 CONFIG_ENV = "EGGAPI_EMULATOR_CONFIG"
+WEBHOOK_SECRET_ENV = "EGGAPI_EMULATOR_WEBHOOK_SECRET"
 _CUT_MESSAGE = "ASGI callable returned without completing response."
 
 
@@ -90,6 +91,9 @@ def serve(
     from .app import create_app
 
     host, port = sock.getsockname()[:2]
+    secret = os.environ.pop(WEBHOOK_SECRET_ENV, None)
+    if config.webhook_secret is None and secret:
+        config = config.model_copy(update={"webhook_secret": secret})
     app = create_app(config)
     app.state.emulator.server_base_url = url_for(host, port)
     uv_config = uvicorn.Config(
@@ -229,6 +233,11 @@ class EmulatorAdmin:
     def audit(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/audit")
         return result
+
+    def webhook_deliveries(self, task_id: str | None = None) -> list[dict[str, Any]]:
+        """Audit records of webhook attempts (and skipped or lost deliveries), oldest first."""
+        records: list[dict[str, Any]] = self.audit()["webhook_deliveries"]
+        return [r for r in records if task_id is None or r["task_id"] == task_id]
 
     def created_tasks(self, api_key: str | None = None) -> list[dict[str, Any]]:
         """Audit records of every created (billable) task, optionally of one key only."""

@@ -27,6 +27,7 @@ from .config import ApiKeyConfig, EmulatorConfig, FaultRule, key_id, mask_key
 from .faults import OUTCOME_KINDS, FaultInjector
 from .images import ImageCache, output_size
 from .validation import GenerateRequest
+from .webhooks import WebhookDispatcher
 
 PENDING = "pending"
 PROCESSING = "processing"
@@ -179,6 +180,7 @@ class EmulatorState:
         self.faults = FaultInjector()
         self.rate_limiter = RateLimiter()
         self.images = ImageCache(config.image_cache_bytes)
+        self.webhooks = WebhookDispatcher(self)
         self._wakeup: asyncio.Event | None = None
         self._apply_config(config, fresh=True)
 
@@ -225,6 +227,7 @@ class EmulatorState:
 
         The startup config stays the one a later plain reset returns to.
         """
+        self.webhooks.cancel_all()
         self._apply_config((config or self.initial_config).model_copy(deep=True), fresh=True)
         self._wake()
 
@@ -428,11 +431,13 @@ class EmulatorState:
                 )
                 record["billed"] = str(task.cost or Decimal("0"))
                 record["error"] = task.error
+                record["completed_at_unix"] = task.completed_at
                 break
         self.on_task_terminal(task)
 
     def on_task_terminal(self, task: Task) -> None:
-        """The one hook every terminal transition calls (signed webhooks will live here)."""
+        """The one hook every terminal transition calls: signed webhook, then listeners."""
+        self.webhooks.on_terminal(task)
         for listener in list(self.terminal_listeners):
             listener(task)
 

@@ -1,0 +1,485 @@
+"""The webhook receiver: an ASGI app (Starlette) and the ``prefect-eggapi webhooks`` command.
+
+For each ``POST`` it reads the raw body (at most ``max_body_bytes``; larger bodies get 413 before
+anything else), verifies ``X-EggAPI-Signature`` over exactly those bytes with
+:func:`prefect_eggapi.webhooks.verify` (two secrets during a rotation; timestamps within
+``tolerance`` seconds both ways), refuses a replayed ``(timestamp, signature)`` pair within the
+tolerance window, deduplicates on ``(task_id, status)``, and answers ``202`` at once. Everything
+slow happens after the answer, in a worker thread: the task is re-read with
+``GET /v1/tasks/{id}`` (the payload is never trusted) and, when the API confirms a terminal
+status, ``eggapi.task.completed`` / ``eggapi.task.failed`` is emitted as a Prefect event with
+resource ``eggapi.task.<id>``. Waits in other processes wake through :class:`SQLiteSignals`.
+
+Answers: 202 accepted; 200 duplicate (already seen ``(task_id, status)``) or ignored
+(non-terminal or unknown event); 400 malformed body or header; 401 missing or wrong signature,
+stale or future timestamp; 405 other methods; 409 replay; 413 too large. Rejections are logged
+with the reason and the client address: never the body, a signature or a secret.
+
+Without any secret the receiver refuses to start unless ``allow_unsigned`` is set (the real API
+sends no signature before a secret exists in the dashboard); unsigned payloads are then treated as
+untrusted hints, which is safe only because the task is always re-read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import SecretStr
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from prefect_eggapi.models import Task, WebhookPayload
+from prefect_eggapi.signals import SQLiteSignals, default_signals_path
+from prefect_eggapi.webhooks import (
+    DEFAULT_TOLERANCE_SECONDS,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    WebhookError,
+    coerce_secrets,
+    parse_payload,
+    verify,
+)
+
+if TYPE_CHECKING:
+    from prefect_eggapi.client import EggAPIClient
+    from prefect_eggapi.credentials import EggAPICredentials
+
+__all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_PATH",
+    "SECRETS_ENV",
+    "EggAPIReconciler",
+    "PayloadProcessor",
+    "WebhookReceiver",
+    "configure_parser",
+    "create_receiver_app",
+    "run",
+    "secrets_from_env",
+]
+
+log = logging.getLogger("prefect_eggapi.receiver")
+
+SECRETS_ENV = "EGGAPI_WEBHOOK_SECRETS"
+DEFAULT_PATH = "/eggapi/webhook"
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
+DEFAULT_PORT = 8788
+_TERMINAL = ("completed", "failed")
+_MAX_REMEMBERED = 100_000
+
+
+def secrets_from_env(name: str = SECRETS_ENV) -> list[SecretStr]:
+    """Comma-separated secrets from an environment variable (current first, then previous)."""
+    return coerce_secrets([s for s in os.environ.get(name, "").split(",") if s.strip()])
+
+
+class PayloadProcessor(Protocol):
+    """What the receiver does with a verified, new delivery, after it has answered."""
+
+    def __call__(self, payload: WebhookPayload) -> Task | None:
+        """Return the re-read terminal task, or None if the API does not confirm it."""
+        ...
+
+
+class EggAPIReconciler:
+    """Re-reads the task with ``GET /v1/tasks/{id}`` and emits the Prefect event for it.
+
+    Args:
+        credentials: where the API is; defaults to ``EggAPICredentials()`` (environment).
+        emit_events: emit ``eggapi.task.<status>`` events (needs ``PREFECT_API_URL`` to reach a
+            server other processes see).
+    """
+
+    def __init__(
+        self, credentials: EggAPICredentials | None = None, *, emit_events: bool = True
+    ) -> None:
+        self._credentials = credentials
+        self.emit_events = emit_events
+        self._client: EggAPIClient | None = None
+        self._lock = threading.Lock()
+
+    def _http(self) -> EggAPIClient:
+        with self._lock:
+            if self._client is None:
+                from prefect_eggapi.credentials import EggAPICredentials
+
+                creds = self._credentials or EggAPICredentials()
+                self._client = creds.get_client()
+            return self._client
+
+    def __call__(self, payload: WebhookPayload) -> Task | None:
+        task = self._http().get_task(payload.task_id)
+        if not task.is_terminal:
+            return None
+        if self.emit_events:
+            emit_webhook_event(task, payload)
+        return task
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+def emit_webhook_event(task: Task, payload: WebhookPayload) -> None:
+    """``eggapi.task.<status>`` (status as re-read), resource ``eggapi.task.<id>``."""
+    from prefect.events import emit_event
+
+    from prefect_eggapi.artifacts import EVENT_PREFIX, task_resource
+
+    body: dict[str, Any] = {"status": task.status.value, "source": "webhook"}
+    if task.cost is not None:
+        body["cost"] = str(task.cost_amount)
+    if task.error:
+        body["error"] = task.error
+    if task.output is not None:
+        body["urls"] = task.output.all_urls
+    body["webhook_event"] = payload.event
+    labels = {"model": task.model or "", "type": task.type or "", "source": "webhook"}
+    try:
+        emit_event(
+            f"{EVENT_PREFIX}.{task.status.value}",
+            resource=task_resource(task.id, **labels),
+            payload=body,
+        )
+    except Exception:  # telemetry must not fail the receiver
+        log.warning("could not emit the event for %s", task.id, exc_info=True)
+
+
+class WebhookReceiver:
+    """State and ASGI app of one receiver. ``receiver.app`` is what uvicorn serves.
+
+    Args:
+        secrets: accepted signing secrets (two during a rotation).
+        processor: called in a worker thread after the answer; default :class:`EggAPIReconciler`.
+        signals: where waits in other processes learn about the delivery (None: nowhere).
+        tolerance: accepted clock difference in seconds, both directions.
+        max_body_bytes: larger bodies are refused with 413 without being read further.
+        allow_unsigned: accept unsigned deliveries when no secret is configured (hints only).
+        path: the URL path deliveries are posted to.
+        clock: Unix time source (tests).
+    """
+
+    def __init__(
+        self,
+        secrets: Iterable[SecretStr | str] | None = None,
+        *,
+        processor: PayloadProcessor | None = None,
+        signals: SQLiteSignals | None = None,
+        tolerance: float = DEFAULT_TOLERANCE_SECONDS,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        allow_unsigned: bool = False,
+        path: str = DEFAULT_PATH,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.secrets = coerce_secrets(list(secrets or []))
+        if not self.secrets and not allow_unsigned:
+            raise ValueError(
+                "no webhook secret configured: set EggAPICredentials.webhook_secrets or "
+                f"{SECRETS_ENV}, or allow unsigned deliveries explicitly"
+            )
+        self.processor: PayloadProcessor = processor or EggAPIReconciler()
+        self.signals = signals
+        self.tolerance = tolerance
+        self.max_body_bytes = max_body_bytes
+        self.allow_unsigned = allow_unsigned
+        self.path = path if path.startswith("/") else f"/{path}"
+        self.clock = clock
+        self.stats: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        self._replays: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self.app = Starlette(
+            routes=[
+                Route(self.path, self._handle, methods=["POST"]),
+                Route("/healthz", self._health, methods=["GET"]),
+            ]
+        )
+        self.app.add_exception_handler(405, self._method_not_allowed)
+
+    def __repr__(self) -> str:
+        return f"WebhookReceiver(path={self.path!r}, secrets={len(self.secrets)})"
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def _health(self, request: Request) -> Response:
+        with self._lock:
+            stats = dict(self.stats)
+        return JSONResponse({"status": "ok", "signed": bool(self.secrets), "stats": stats})
+
+    async def _method_not_allowed(self, request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": "method_not_allowed"}, status_code=405)
+
+    def _reject(self, request: Request, status: int, reason: str, message: str) -> Response:
+        client = request.client.host if request.client else "?"
+        log.warning("rejected webhook from %s: %s (%s)", client, reason, message)
+        self._count(f"rejected:{reason}")
+        return JSONResponse({"error": reason, "message": message}, status_code=status)
+
+    def _count(self, key: str) -> None:
+        with self._lock:
+            self.stats[key] += 1
+
+    async def _read_body(self, request: Request) -> bytes | None:
+        """The raw body, or None once it exceeds ``max_body_bytes``."""
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return None
+            if int(declared) > self.max_body_bytes:
+                return None
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _handle(self, request: Request) -> Response:
+        raw = await self._read_body(request)
+        if raw is None:
+            return self._reject(
+                request, 413, "body_too_large", f"body exceeds {self.max_body_bytes} bytes"
+            )
+        now = self.clock()
+        signed = bool(self.secrets)
+        try:
+            if signed:
+                payload = verify(
+                    raw, request.headers, self.secrets, tolerance=self.tolerance, now=now
+                )
+            else:
+                payload = parse_payload(raw)
+        except WebhookError as exc:
+            return self._reject(request, exc.status_code, exc.reason, exc.message)
+        if signed and not self._first_use(request, now):
+            return self._reject(
+                request, 409, "replay", "this (timestamp, signature) pair was already used"
+            )
+        status = payload.status.value
+        if payload.event not in ("task.completed", "task.failed") or status not in _TERMINAL:
+            self._count("ignored")
+            log.info("ignored webhook %s (%s) for %s", payload.event, status, payload.task_id)
+            return JSONResponse({"status": "ignored"}, status_code=200)
+        if not self._first_delivery(payload.task_id, status):
+            self._count("duplicate")
+            log.info("duplicate webhook for %s (%s)", payload.task_id, status)
+            return JSONResponse({"status": "duplicate"}, status_code=200)
+        self._count("accepted")
+        return JSONResponse(
+            {"status": "accepted"},
+            status_code=202,
+            background=BackgroundTask(self.process, payload, now),
+        )
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _first_use(self, request: Request, now: float) -> bool:
+        """Replay protection: remember each (timestamp, signature) for the tolerance window."""
+        key = (
+            request.headers.get(TIMESTAMP_HEADER, ""),
+            request.headers.get(SIGNATURE_HEADER, "").lower(),
+        )
+        with self._lock:
+            while self._replays:
+                oldest_key, expires = next(iter(self._replays.items()))
+                if expires >= now and len(self._replays) < _MAX_REMEMBERED:
+                    break
+                del self._replays[oldest_key]
+            if key in self._replays:
+                return False
+            # the pair stays acceptable (fresh) until timestamp + tolerance
+            self._replays[key] = float(key[0]) + self.tolerance
+            return True
+
+    def _first_delivery(self, task_id: str, status: str) -> bool:
+        key = (task_id, status)
+        with self._lock:
+            if key in self._seen:
+                return False
+            self._seen[key] = None
+            if len(self._seen) > _MAX_REMEMBERED:
+                self._seen.popitem(last=False)
+        # The signal wakes waits at once (they re-read the task themselves); an existing row
+        # means an earlier run of this receiver already took this delivery.
+        return self.signals is None or self.signals.signal(task_id, status, event=f"task.{status}")
+
+    def _forget(self, task_id: str, status: str) -> None:
+        with self._lock:
+            self._seen.pop((task_id, status), None)
+        if self.signals is not None:
+            self.signals.forget(task_id, status)
+
+    def process(self, payload: WebhookPayload, received_at: float) -> None:
+        """Re-read and announce one new delivery (runs in a worker thread, after the answer)."""
+        status = payload.status.value
+        try:
+            task = self.processor(payload)
+        except Exception as exc:
+            self._forget(payload.task_id, status)  # a redelivery may try again
+            self._count("reread_failed")
+            log.warning(
+                "could not re-read task %s after its webhook: %s", payload.task_id, type(exc)
+            )
+            return
+        if task is None:
+            self._forget(payload.task_id, status)
+            self._count("not_confirmed")
+            log.warning(
+                "webhook said %s is %s but the API does not confirm it", payload.task_id, status
+            )
+            return
+        self._count("processed")
+        log.info(
+            "task %s is %s (webhook %s, %.3fs after receipt)",
+            task.id,
+            task.status.value,
+            payload.event,
+            self.clock() - received_at,
+        )
+
+
+def create_receiver_app(
+    secrets: Iterable[SecretStr | str] | None = None, **options: Any
+) -> Starlette:
+    """Shortcut for ``WebhookReceiver(secrets, **options).app``."""
+    return WebhookReceiver(secrets, **options).app
+
+
+# --------------------------------------------------------------------------- CLI
+
+DESCRIPTION = """\
+Run the EggAPI webhook receiver: verifies X-EggAPI-Signature over the raw body, refuses stale,
+future, replayed, oversized and unsigned deliveries, answers 202 at once, re-reads each task with
+GET /v1/tasks/{id}, emits eggapi.task.completed / eggapi.task.failed Prefect events (point
+PREFECT_API_URL at your server), and wakes waiting flows through a SQLite signal file.
+Secrets come from the credentials block (webhook_secrets) and/or EGGAPI_WEBHOOK_SECRETS
+(comma-separated); never from the command line.
+"""
+
+
+def configure_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "webhooks",
+        help="Run the webhook receiver (verify, dedupe, re-read, emit Prefect events).",
+        description=DESCRIPTION,
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="Bind address (default: 127.0.0.1).")
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"Port (default: {DEFAULT_PORT})."
+    )
+    parser.add_argument("--path", default=DEFAULT_PATH, help=f"URL path (default: {DEFAULT_PATH}).")
+    parser.add_argument(
+        "--credentials-block",
+        default=None,
+        metavar="NAME",
+        help="EggAPICredentials block to load (default: EGGAPI_API_KEY / EGGAPI_BASE_URL).",
+    )
+    parser.add_argument(
+        "--secrets-env",
+        default=SECRETS_ENV,
+        metavar="VAR",
+        help=f"Environment variable with comma-separated secrets (default: {SECRETS_ENV}).",
+    )
+    parser.add_argument(
+        "--signals",
+        default=None,
+        metavar="PATH",
+        help="SQLite signal file shared with waiting flows (default: EGGAPI_WEBHOOK_SIGNALS, "
+        "else .eggapi/webhook-signals.sqlite).",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE_SECONDS,
+        help="Accepted timestamp skew in seconds (default: 300).",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"Larger bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES}).",
+    )
+    parser.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="Without any secret, accept unsigned deliveries as untrusted hints.",
+    )
+    parser.add_argument(
+        "--no-events", action="store_true", help="Do not emit Prefect events (signals only)."
+    )
+    parser.add_argument("--log-level", default="info", help="Log level (default: info).")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _load_credentials(block: str | None) -> EggAPICredentials:
+    from prefect_eggapi.credentials import EggAPICredentials
+
+    if block:
+        loaded = EggAPICredentials.load(block)
+        assert isinstance(loaded, EggAPICredentials)
+        return loaded
+    return EggAPICredentials()
+
+
+def build_receiver(args: argparse.Namespace) -> WebhookReceiver:
+    credentials = _load_credentials(args.credentials_block)
+    secrets: Sequence[SecretStr] = [*secrets_from_env(args.secrets_env)]
+    secrets = [*secrets, *coerce_secrets(credentials.webhook_secrets)]
+    signals = SQLiteSignals(args.signals or default_signals_path())
+    return WebhookReceiver(
+        secrets,
+        processor=EggAPIReconciler(credentials, emit_events=not args.no_events),
+        signals=signals,
+        tolerance=args.tolerance,
+        max_body_bytes=args.max_body_bytes,
+        allow_unsigned=args.allow_unsigned,
+        path=args.path,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+    try:
+        receiver = build_receiver(args)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    if not args.no_events and not os.environ.get("PREFECT_API_URL"):
+        log.warning(
+            "PREFECT_API_URL is not set: events go to this process's own ephemeral API, "
+            "where no automation or other process sees them"
+        )
+    host = args.host
+    shown = f"[{host}]" if ":" in host else host
+    signals_path = receiver.signals.path if receiver.signals else None
+    print(
+        f"EggAPI webhook receiver on http://{shown}:{args.port}{receiver.path} "
+        f"({len(receiver.secrets)} secret(s); signals: {signals_path})",
+        flush=True,
+    )
+    try:
+        uvicorn.run(receiver.app, host=host, port=args.port, log_level=args.log_level.lower())
+    finally:
+        if isinstance(receiver.processor, EggAPIReconciler):
+            receiver.processor.close()
+        if not args.no_events:
+            from prefect.events.worker import EventsWorker
+
+            EventsWorker.drain_all()
+    return 0

@@ -1,0 +1,537 @@
+"""The webhook receiver over real HTTP, and webhook-mode waits against the emulator.
+
+Attack requests are signed here with ``hmac`` directly. The receiver runs under uvicorn in a
+thread (or as the ``prefect-eggapi webhooks`` command in a subprocess, for the cross-process
+test); the emulator is the session subprocess, driven in manual mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from pydantic import SecretStr
+
+from prefect_eggapi.client import EggAPIClient
+from prefect_eggapi.emulator import EmulatorProcess
+from prefect_eggapi.models import Task, WebhookPayload
+from prefect_eggapi.polling import PollPolicy
+from prefect_eggapi.receiver import EggAPIReconciler, WebhookReceiver
+from prefect_eggapi.signals import SQLiteSignals
+
+SECRET = "whsec_receiver_test_secret"
+OLD_SECRET = "whsec_receiver_previous_secret"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve_asgi(app: Any) -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def signed(
+    payload: dict[str, Any] | bytes, *, secret: str = SECRET, ts: int | None = None
+) -> tuple[bytes, dict[str, str]]:
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    stamp = str(int(time.time()) if ts is None else ts)
+    digest = hmac.new(secret.encode(), stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    headers = {
+        "Content-Type": "application/json",
+        "X-EggAPI-Timestamp": stamp,
+        "X-EggAPI-Signature": f"sha256={digest}",
+    }
+    return body, headers
+
+
+def payload(task_id: str = "gen_aaaaaaaaaaaa", status: str = "completed") -> dict[str, Any]:
+    return {
+        "event": f"task.{status}",
+        "task_id": task_id,
+        "status": status,
+        "model": "nanobanana",
+        "output": {"url": "http://x/0.png", "urls": ["http://x/0.png"]},
+        "error": None,
+        "cost": "0.010000",
+        "timestamp": int(time.time()),
+    }
+
+
+class FakeProcessor:
+    """Stands in for the GET re-read: records calls; confirms unless told otherwise."""
+
+    def __init__(self) -> None:
+        self.calls: list[WebhookPayload] = []
+        self.confirm = True
+        self.block = threading.Event()
+        self.block.set()
+        self.done = threading.Semaphore(0)
+
+    def __call__(self, p: WebhookPayload) -> Task | None:
+        self.block.wait(10)
+        self.calls.append(p)
+        self.done.release()
+        if not self.confirm:
+            return None
+        return Task(id=p.task_id, status=p.status)
+
+    def wait_calls(self, count: int) -> None:
+        for _ in range(count):
+            assert self.done.acquire(timeout=10), "processor not called"
+
+
+@pytest.fixture
+def fake() -> FakeProcessor:
+    return FakeProcessor()
+
+
+@pytest.fixture
+def receiver(fake: FakeProcessor, tmp_path: Path) -> Iterator[tuple[WebhookReceiver, str]]:
+    rec = WebhookReceiver(
+        [SecretStr(SECRET), SecretStr(OLD_SECRET)],
+        processor=fake,
+        signals=SQLiteSignals(tmp_path / "signals.sqlite"),
+        max_body_bytes=4096,
+    )
+    with serve_asgi(rec.app) as url:
+        yield rec, url + rec.path
+
+
+def test_valid_delivery_is_accepted_fast_and_processed_after_the_answer(
+    receiver: tuple[WebhookReceiver, str], fake: FakeProcessor
+) -> None:
+    rec, url = receiver
+    fake.block.clear()  # processing cannot finish until the answer has arrived
+    body, headers = signed(payload())
+    response = httpx.post(url, content=body, headers=headers, timeout=5)
+    assert response.status_code == 202 and response.json() == {"status": "accepted"}
+    assert fake.calls == []
+    fake.block.set()
+    fake.wait_calls(1)
+    assert fake.calls[0].task_id == "gen_aaaaaaaaaaaa"
+    assert rec.signals is not None and rec.signals.is_signalled("gen_aaaaaaaaaaaa")
+    assert rec.stats["accepted"] == 1
+
+
+def test_previous_secret_is_accepted_during_rotation(
+    receiver: tuple[WebhookReceiver, str], fake: FakeProcessor
+) -> None:
+    _, url = receiver
+    body, headers = signed(payload(), secret=OLD_SECRET)
+    assert httpx.post(url, content=body, headers=headers).status_code == 202
+    fake.wait_calls(1)
+
+
+def test_duplicate_is_processed_once(
+    receiver: tuple[WebhookReceiver, str], fake: FakeProcessor
+) -> None:
+    rec, url = receiver
+    body, headers = signed(payload(), ts=int(time.time()) - 5)
+    assert httpx.post(url, content=body, headers=headers).status_code == 202
+    # a redelivery: same task and status, signed afresh
+    body2, headers2 = signed(payload(), ts=int(time.time()))
+    again = httpx.post(url, content=body2, headers=headers2)
+    assert again.status_code == 200 and again.json() == {"status": "duplicate"}
+    # the other terminal status of the same task is a different delivery
+    body3, headers3 = signed(payload(status="failed"))
+    assert httpx.post(url, content=body3, headers=headers3).status_code == 202
+    fake.wait_calls(2)
+    assert [(c.task_id, c.status.value) for c in fake.calls] == [
+        ("gen_aaaaaaaaaaaa", "completed"),
+        ("gen_aaaaaaaaaaaa", "failed"),
+    ]
+    assert rec.stats["duplicate"] == 1
+
+
+def test_dedupe_survives_a_receiver_restart(fake: FakeProcessor, tmp_path: Path) -> None:
+    path = tmp_path / "signals.sqlite"
+    first = WebhookReceiver([SECRET], processor=fake, signals=SQLiteSignals(path))
+    second = WebhookReceiver([SECRET], processor=fake, signals=SQLiteSignals(path))
+    with serve_asgi(first.app) as url:
+        body, headers = signed(payload(), ts=int(time.time()) - 1)
+        assert httpx.post(url + first.path, content=body, headers=headers).status_code == 202
+    with serve_asgi(second.app) as url:
+        body, headers = signed(payload())
+        response = httpx.post(url + second.path, content=body, headers=headers)
+        assert response.json() == {"status": "duplicate"}
+    fake.wait_calls(1)
+    assert len(fake.calls) == 1
+
+
+def test_unconfirmed_delivery_can_be_redelivered(
+    receiver: tuple[WebhookReceiver, str], fake: FakeProcessor
+) -> None:
+    rec, url = receiver
+    fake.confirm = False  # the API says the task is not terminal (a lying or early payload)
+    body, headers = signed(payload(), ts=int(time.time()) - 2)
+    assert httpx.post(url, content=body, headers=headers).status_code == 202
+    fake.wait_calls(1)
+    deadline = time.monotonic() + 5
+    while rec.stats["not_confirmed"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rec.signals is not None and not rec.signals.is_signalled("gen_aaaaaaaaaaaa")
+    fake.confirm = True
+    body, headers = signed(payload())
+    assert httpx.post(url, content=body, headers=headers).status_code == 202
+    fake.wait_calls(1)
+
+
+def test_replay_is_rejected(receiver: tuple[WebhookReceiver, str], fake: FakeProcessor) -> None:
+    rec, url = receiver
+    body, headers = signed(payload())
+    assert httpx.post(url, content=body, headers=headers).status_code == 202
+    replay = httpx.post(url, content=body, headers=headers)
+    assert replay.status_code == 409 and replay.json()["error"] == "replay"
+    fake.wait_calls(1)
+    assert len(fake.calls) == 1 and rec.stats["rejected:replay"] == 1
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "reason"),
+    [
+        (lambda: signed(payload(), secret="whsec_attacker"), 401, "signature_mismatch"),
+        (
+            lambda: (signed(payload())[0] + b" ", signed(payload())[1]),
+            401,
+            "signature_mismatch",
+        ),
+        (lambda: signed(payload(), ts=int(time.time()) - 301), 401, "stale_timestamp"),
+        (lambda: signed(payload(), ts=int(time.time()) + 400), 401, "future_timestamp"),
+        (
+            lambda: (json.dumps(payload()).encode(), {"X-EggAPI-Timestamp": "1"}),
+            401,
+            "missing_signature",
+        ),
+        (
+            lambda: (
+                signed(payload())[0],
+                {**signed(payload())[1], "X-EggAPI-Signature": "sha256=nothex"},
+            ),
+            400,
+            "bad_signature_format",
+        ),
+        (lambda: signed(b"{not json"), 400, "malformed_payload"),
+        (lambda: signed(b'{"event": "task.completed"}'), 400, "malformed_payload"),
+        (lambda: signed({**payload(), "pad": "x" * 5000}), 413, "body_too_large"),
+    ],
+    ids=[
+        "wrong-secret",
+        "tampered-body",
+        "stale",
+        "future",
+        "unsigned",
+        "bad-format",
+        "not-json",
+        "missing-fields",
+        "oversized",
+    ],
+)
+def test_attacks_are_rejected_with_4xx_and_a_log_line_without_secrets(
+    receiver: tuple[WebhookReceiver, str],
+    fake: FakeProcessor,
+    caplog: pytest.LogCaptureFixture,
+    make: Any,
+    status: int,
+    reason: str,
+) -> None:
+    rec, url = receiver
+    body, headers = make()
+    with caplog.at_level(logging.WARNING, logger="prefect_eggapi.receiver"):
+        response = httpx.post(url, content=body, headers=headers)
+    assert response.status_code == status
+    assert response.json()["error"] == reason
+    assert rec.stats[f"rejected:{reason}"] == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "prefect_eggapi.receiver"]
+    assert any(reason in line for line in lines)
+    for line in lines:
+        assert SECRET not in line and OLD_SECRET not in line
+        digest = headers.get("X-EggAPI-Signature", "")[7:]
+        assert not digest or digest not in line  # no signature values either
+    assert SECRET not in response.text
+    assert fake.calls == []
+    assert rec.signals is not None and not rec.signals.is_signalled("gen_aaaaaaaaaaaa")
+
+
+def test_chunked_oversized_body_is_rejected_while_streaming(
+    receiver: tuple[WebhookReceiver, str], fake: FakeProcessor
+) -> None:
+    _, url = receiver
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(100):
+            yield b"x" * 1024
+
+    response = httpx.post(url, content=chunks(), headers={"X-EggAPI-Timestamp": "1"})
+    assert response.status_code == 413
+    assert fake.calls == []
+
+
+def test_other_methods_and_ignored_events(
+    receiver: tuple[WebhookReceiver, str], fake: FakeProcessor
+) -> None:
+    _, url = receiver
+    assert httpx.get(url).status_code == 405
+    body, headers = signed({**payload(), "event": "task.processing", "status": "processing"})
+    response = httpx.post(url, content=body, headers=headers)
+    assert response.status_code == 200 and response.json() == {"status": "ignored"}
+    assert fake.calls == []
+
+
+def test_refuses_to_run_unsigned_unless_allowed(fake: FakeProcessor) -> None:
+    with pytest.raises(ValueError, match="no webhook secret"):
+        WebhookReceiver([], processor=fake)
+    rec = WebhookReceiver([], processor=fake, allow_unsigned=True)
+    with serve_asgi(rec.app) as url:
+        response = httpx.post(url + rec.path, content=json.dumps(payload()).encode())
+        assert response.status_code == 202
+    fake.wait_calls(1)
+
+
+# --------------------------------------------------------------------------- with the emulator
+
+
+@pytest.fixture
+def api(emulator: EmulatorProcess, emulator_api_key: str) -> Iterator[EggAPIClient]:
+    with EggAPIClient(emulator_api_key, emulator.base_url) as client:
+        yield client
+
+
+@pytest.fixture
+def live_receiver(
+    emulator: EmulatorProcess, emulator_api_key: str, tmp_path: Path
+) -> Iterator[tuple[WebhookReceiver, str]]:
+    from prefect_eggapi.credentials import EggAPICredentials
+
+    credentials = EggAPICredentials(api_key=emulator_api_key, base_url=emulator.base_url)
+    rec = WebhookReceiver(
+        [SECRET],
+        processor=EggAPIReconciler(credentials, emit_events=False),
+        signals=SQLiteSignals(tmp_path / "signals.sqlite"),
+    )
+    emulator.set_config(manual=True, webhook_secret=SECRET)
+    with serve_asgi(rec.app) as url:
+        yield rec, url + rec.path
+
+
+def wait_stat(rec: WebhookReceiver, key: str, count: int = 1, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while rec.stats[key] < count:
+        assert time.monotonic() < deadline, dict(rec.stats)
+        time.sleep(0.01)
+
+
+SLOW_POLL = PollPolicy(initial_interval=30, max_interval=30, min_interval=30, jitter=0)
+
+
+def test_webhook_wakes_the_wait_long_before_the_next_poll(
+    emulator: EmulatorProcess,
+    api: EggAPIClient,
+    live_receiver: tuple[WebhookReceiver, str],
+    emulator_api_key: str,
+) -> None:
+    rec, url = live_receiver
+    task = api.generate(model="nanobanana", prompt="a fox", webhook_url=url)
+    signals = SQLiteSignals(rec.signals.path if rec.signals else None)
+    result: list[Task] = []
+    waiter = threading.Thread(
+        target=lambda: result.append(
+            api.wait_for_task(task, timeout=60, poll=SLOW_POLL, signals=signals)
+        )
+    )
+    waiter.start()
+    started = time.monotonic()
+    emulator.complete(task.id)
+    waiter.join(20)
+    elapsed = time.monotonic() - started
+    assert result and result[0].status.value == "completed"
+    assert elapsed < 10, elapsed  # the first poll would only happen after 30 s
+    wait_stat(rec, "processed")
+    # the receiver re-read the task itself: the waiter's GET plus the receiver's GET
+    assert emulator.request_count(emulator_api_key, "get_task") == 2
+
+
+def test_lost_webhook_still_completes_through_polling(
+    emulator: EmulatorProcess, api: EggAPIClient, live_receiver: tuple[WebhookReceiver, str]
+) -> None:
+    rec, url = live_receiver
+    emulator.add_fault("webhook_lost")
+    task = api.generate(model="nanobanana", prompt="a fox", webhook_url=url)
+    signals = SQLiteSignals(rec.signals.path if rec.signals else None)
+    emulator.complete(task.id)
+    poll = PollPolicy(initial_interval=0.3, max_interval=0.3, min_interval=0.3, jitter=0)
+    done = api.wait_for_task(task, timeout=30, poll=poll, signals=signals)
+    assert done.status.value == "completed"
+    assert [r["outcome"] for r in emulator.webhook_deliveries(task.id)] == ["lost"]
+    assert rec.stats["accepted"] == 0
+
+
+def test_duplicated_webhook_from_the_emulator_is_processed_once(
+    emulator: EmulatorProcess,
+    api: EggAPIClient,
+    live_receiver: tuple[WebhookReceiver, str],
+    emulator_api_key: str,
+) -> None:
+    rec, url = live_receiver
+    emulator.add_fault("webhook_duplicate", delay=0.05)
+    task = api.generate(model="nanobanana", prompt="a fox", webhook_url=url)
+    emulator.complete(task.id)
+    deadline = time.monotonic() + 10
+    while len([r for r in emulator.webhook_deliveries(task.id) if r["http_status"]]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    wait_stat(rec, "processed")
+    statuses = [r["http_status"] for r in emulator.webhook_deliveries(task.id)]
+    assert statuses[0] == 202 and statuses[1] in (200, 409)  # duplicate, or identical replay
+    assert rec.stats["processed"] == 1
+    assert emulator.request_count(emulator_api_key, "get_task") == 1  # one re-read only
+
+
+def test_bad_signature_from_the_emulator_is_rejected(
+    emulator: EmulatorProcess, api: EggAPIClient, live_receiver: tuple[WebhookReceiver, str]
+) -> None:
+    rec, url = live_receiver
+    emulator.add_fault("webhook_bad_signature")
+    task = api.generate(model="nanobanana", prompt="a fox", webhook_url=url)
+    emulator.complete(task.id)
+    wait_stat(rec, "rejected:signature_mismatch")
+    [record] = emulator.webhook_deliveries(task.id)
+    assert record["http_status"] == 401 and record["outcome"] == "rejected"
+    assert rec.stats["processed"] == 0
+
+
+def test_cross_process_receiver_cli_wakes_waits_here(
+    emulator: EmulatorProcess, api: EggAPIClient, emulator_api_key: str, tmp_path: Path
+) -> None:
+    """The receiver is the real CLI command in another process; the wait runs in this one."""
+    port = free_port()
+    signals_path = tmp_path / "shared-signals.sqlite"
+    env = {
+        **os.environ,
+        "EGGAPI_API_KEY": emulator_api_key,
+        "EGGAPI_BASE_URL": emulator.base_url,
+        "EGGAPI_WEBHOOK_SECRETS": f"{SECRET},{OLD_SECRET}",
+    }
+    log_path = tmp_path / "receiver.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "prefect_eggapi.cli",
+                "webhooks",
+                "--port",
+                str(port),
+                "--signals",
+                str(signals_path),
+                "--no-events",
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        emulator.set_config(manual=True, webhook_secret=SECRET)
+        task = api.generate(
+            model="nanobanana", prompt="a fox", webhook_url=f"{base}/eggapi/webhook"
+        )
+        signals = SQLiteSignals(signals_path)
+        result: list[Task] = []
+        waiter = threading.Thread(
+            target=lambda: result.append(
+                api.wait_for_task(task, timeout=60, poll=SLOW_POLL, signals=signals)
+            )
+        )
+        waiter.start()
+        started = time.monotonic()
+        emulator.complete(task.id)
+        waiter.join(20)
+        assert result and result[0].status.value == "completed"
+        assert time.monotonic() - started < 10
+        stats = httpx.get(f"{base}/healthz").json()["stats"]
+        assert stats["accepted"] == 1
+        assert SECRET not in log_path.read_text()
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_signals_wake_async_waits_from_another_process(tmp_path: Path) -> None:
+    import asyncio
+
+    path = tmp_path / "s.sqlite"
+    signals = SQLiteSignals(path)
+
+    async def scenario() -> tuple[bool, float]:
+        started = time.monotonic()
+        writer = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import time, sys; from prefect_eggapi.signals import SQLiteSignals; "
+                "time.sleep(0.3); SQLiteSignals(sys.argv[1]).signal('gen_x', 'completed')",
+                str(path),
+            ]
+        )
+        try:
+            woke = await signals.await_signal("gen_x", 20)
+        finally:
+            writer.wait(20)
+        return woke, time.monotonic() - started
+
+    woke, elapsed = asyncio.run(scenario())
+    assert woke and elapsed < 10
+    assert not signals.wait("gen_other", 0.1)
+    assert signals.wait("gen_x", 0)
