@@ -14,7 +14,7 @@ import json
 import time
 import types
 from collections.abc import Callable, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -529,7 +529,7 @@ def test_retry_after_seconds_is_honoured(
 def test_retry_after_http_date_is_honoured(
     api: Api, mock: respx.MockRouter, sleeps: list[float]
 ) -> None:
-    when = datetime.now(timezone.utc) + timedelta(seconds=30)
+    when = datetime.now(UTC) + timedelta(seconds=30)
     http_date = when.strftime("%a, %d %b %Y %H:%M:%S GMT")
     mock.get(f"/v1/tasks/{TASK_ID}").mock(
         side_effect=sequence(
@@ -651,7 +651,7 @@ def test_generate_rejects_request_plus_fields(api: Api, mock: respx.MockRouter) 
 
 
 def test_generate_learns_the_server_clock_offset(api: Api, mock: respx.MockRouter) -> None:
-    server_now = datetime.now(timezone.utc) + timedelta(seconds=100)
+    server_now = datetime.now(UTC) + timedelta(seconds=100)
     mock.post("/v1/generate").mock(
         side_effect=sequence(ok(task_json(created_at=server_now.isoformat()), 202))
     )
@@ -672,14 +672,14 @@ def test_generate_5xx_is_ambiguous_after_one_call(
     api: Api, mock: respx.MockRouter, sleeps: list[float], status: int, code: str, cause_cls: type
 ) -> None:
     route = mock.post("/v1/generate").mock(side_effect=sequence(err(status, code, "boom")))
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     exc = raises(AmbiguousSubmitError, api.generate, model="nanobanana-pro", prompt="a cat")
     assert route.call_count == 1
     assert sleeps == []
     assert classify(exc) is ErrorClass.AMBIGUOUS
     assert not exc.retryable
     assert (exc.model, exc.prompt, exc.task_type) == ("nanobanana-pro", "a cat", "image_generate")
-    assert before <= exc.sent_at <= exc.failed_at <= datetime.now(timezone.utc)
+    assert before <= exc.sent_at <= exc.failed_at <= datetime.now(UTC)
     assert isinstance(exc.cause, cause_cls)
     assert exc.cause.http_status == status
     assert "not retried" in str(exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -72,11 +72,18 @@ def test_dead_owner_mid_post_is_reconciled_not_resubmitted(store, client, emulat
     key = ledger_key("crash/item-0", REQ.fingerprint())
     store.put(
         LedgerEntry(
-            key=key, logical_key="crash/item-0", fingerprint=REQ.fingerprint(), scope="crash",
-            state=EntryState.SUBMITTING, model=REQ.model, task_type=REQ.task_type,
-            prompt_sha256="x", estimate=Decimal("0.01"),
-            owner=f"{socket.gethostname()}:999999999:dead", lease_until=time.time() + 60,
-            sent_at=datetime.now(timezone.utc) - timedelta(seconds=1),
+            key=key,
+            logical_key="crash/item-0",
+            fingerprint=REQ.fingerprint(),
+            scope="crash",
+            state=EntryState.SUBMITTING,
+            model=REQ.model,
+            task_type=REQ.task_type,
+            prompt_sha256="x",
+            estimate=Decimal("0.01"),
+            owner=f"{socket.gethostname()}:999999999:dead",
+            lease_until=time.time() + 60,
+            sent_at=datetime.now(UTC) - timedelta(seconds=1),
         )
     )
     outcome = Submitter(client, store, settle_seconds=0.2).submit(
@@ -91,10 +98,17 @@ def test_dead_owner_whose_post_never_arrived_resubmits_once(store, client, emula
     key = ledger_key("crash/item-1", REQ.fingerprint())
     store.put(
         LedgerEntry(
-            key=key, logical_key="crash/item-1", fingerprint=REQ.fingerprint(), scope="crash",
-            state=EntryState.SUBMITTING, model=REQ.model, task_type=REQ.task_type,
-            prompt_sha256="x", owner=f"{socket.gethostname()}:999999999:dead",
-            lease_until=time.time() + 60, sent_at=datetime.now(timezone.utc),
+            key=key,
+            logical_key="crash/item-1",
+            fingerprint=REQ.fingerprint(),
+            scope="crash",
+            state=EntryState.SUBMITTING,
+            model=REQ.model,
+            task_type=REQ.task_type,
+            prompt_sha256="x",
+            owner=f"{socket.gethostname()}:999999999:dead",
+            lease_until=time.time() + 60,
+            sent_at=datetime.now(UTC),
         )
     )
     outcome = Submitter(client, store, settle_seconds=0.2).submit(
@@ -111,10 +125,17 @@ def test_two_candidates_fail_loudly_with_evidence(store, client, emulator):
     key = ledger_key("crash/item-2", REQ.fingerprint())
     store.put(
         LedgerEntry(
-            key=key, logical_key="crash/item-2", fingerprint=REQ.fingerprint(), scope="crash",
-            state=EntryState.SUBMITTING, model=REQ.model, task_type=REQ.task_type,
-            prompt_sha256="x", owner=f"{socket.gethostname()}:999999999:dead",
-            lease_until=time.time() + 60, sent_at=datetime.now(timezone.utc) - timedelta(seconds=2),
+            key=key,
+            logical_key="crash/item-2",
+            fingerprint=REQ.fingerprint(),
+            scope="crash",
+            state=EntryState.SUBMITTING,
+            model=REQ.model,
+            task_type=REQ.task_type,
+            prompt_sha256="x",
+            owner=f"{socket.gethostname()}:999999999:dead",
+            lease_until=time.time() + 60,
+            sent_at=datetime.now(UTC) - timedelta(seconds=2),
         )
     )
     with pytest.raises(ReconciliationError) as info:
@@ -132,7 +153,9 @@ def test_budget_is_shared_by_all_submitters_of_a_scope(store, client, emulator):
     for i in range(4):
         try:
             Submitter(client, store).submit(
-                GenerateRequest(prompt=f"p{i}", **pro4k), logical_key=f"b/{i}", scope="b",
+                GenerateRequest(prompt=f"p{i}", **pro4k),
+                logical_key=f"b/{i}",
+                scope="b",
                 budget=Decimal("0.07"),
             )
             done += 1
@@ -148,8 +171,15 @@ def test_s3_ledger_detects_lost_update(local_s3, s3_bucket):
 
     a = S3Ledger(local_s3.client(), s3_bucket, prefix="cas")
     b = S3Ledger(local_s3.client(), s3_bucket, prefix="cas")
-    entry = LedgerEntry(key="k1", logical_key="l", fingerprint="f", state=EntryState.SUBMITTING,
-                        model="nanobanana", task_type="image_generate", prompt_sha256="x")
+    entry = LedgerEntry(
+        key="k1",
+        logical_key="l",
+        fingerprint="f",
+        state=EntryState.SUBMITTING,
+        model="nanobanana",
+        task_type="image_generate",
+        prompt_sha256="x",
+    )
     with a.transaction():
         assert a.get("k1") is None
         with b.transaction():

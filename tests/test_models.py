@@ -6,7 +6,7 @@ Invalid requests must fail before any HTTP call, naming the field (eggapi-api.md
 
 from __future__ import annotations
 
-from datetime import timedelta, timezone
+from datetime import UTC, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -379,7 +379,7 @@ def test_g2_timestamps_with_offset_and_microseconds() -> None:
     assert task.created_at is not None
     assert task.created_at.utcoffset() == timedelta(hours=8)
     assert task.created_at.microsecond == 879577
-    assert task.created_at.astimezone(timezone.utc).hour == 13
+    assert task.created_at.astimezone(UTC).hour == 13
     assert task.queue_seconds == pytest.approx(2.120423)
     assert task.processing_seconds == 20.0
     assert task.status is TaskStatus.FAILED and task.is_terminal

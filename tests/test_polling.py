@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import types
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -13,7 +13,7 @@ from prefect_eggapi.models import Task, TaskStatus
 from prefect_eggapi.polling import DurationStats, PollPolicy, PollSchedule
 from prefect_eggapi.ratelimit import RateLimiter
 
-T0 = datetime(2026, 5, 8, 10, 30, tzinfo=timezone.utc)
+T0 = datetime(2026, 5, 8, 10, 30, tzinfo=UTC)
 
 
 def finished(queue: float, processing: float, status: str = "completed") -> Task:

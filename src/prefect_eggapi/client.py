@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
@@ -120,7 +120,7 @@ def _retry_after(response: httpx.Response) -> float | None:
         return float(value)
     except ValueError:
         try:
-            return (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds()
+            return (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
         except (TypeError, ValueError):
             return None
 
@@ -330,7 +330,7 @@ class _BaseClient:
         return AmbiguousSubmitError(
             why,
             sent_at=sent_at,
-            failed_at=datetime.now(timezone.utc),
+            failed_at=datetime.now(UTC),
             model=request.model,
             prompt=request.prompt,
             task_type=request.task_type,
@@ -360,7 +360,7 @@ class _BaseClient:
         except ValueError as exc:  # a 2xx we cannot read: the task may exist
             raise self._ambiguous(req, sent_at, f"unreadable response: {exc}", exc) from exc
         if task.created_at is not None:
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             midpoint = sent_at + (now - sent_at) / 2
             self.clock_offset = (task.created_at - midpoint).total_seconds()
         return task
@@ -482,7 +482,7 @@ class EggAPIClient(_BaseClient):
         payload = req.to_payload()
         attempt = 0
         while True:
-            sent_at = datetime.now(timezone.utc)
+            sent_at = datetime.now(UTC)
             retry_after = None
             try:
                 response = self._send("POST", "/v1/generate", json=payload)
@@ -644,7 +644,7 @@ class AsyncEggAPIClient(_BaseClient):
         payload = req.to_payload()
         attempt = 0
         while True:
-            sent_at = datetime.now(timezone.utc)
+            sent_at = datetime.now(UTC)
             retry_after = None
             try:
                 response = await self._send("POST", "/v1/generate", json=payload)

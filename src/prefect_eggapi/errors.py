@@ -9,7 +9,7 @@ EggAPI has no idempotency key and no cancel endpoint, so "may I retry this?" has
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from prefect_eggapi.models import Task
 
 
-class ErrorClass(str, Enum):
+class ErrorClass(StrEnum):
     TERMINAL = "terminal"
     RETRYABLE = "retryable"
     AMBIGUOUS = "ambiguous"

@@ -22,9 +22,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -40,7 +40,7 @@ LEDGER_DIR_ENV = "EGGAPI_LEDGER_DIR"
 LEDGER_URI_ENV = "EGGAPI_LEDGER_URI"
 
 
-class EntryState(str, Enum):
+class EntryState(StrEnum):
     SUBMITTING = "submitting"  # POST may be in flight; owner + lease say whether it still is
     REJECTED = "rejected"  # the API refused the POST: nothing exists, a new POST is fine
     AMBIGUOUS = "ambiguous"  # POST outcome unknown and reconciliation could not decide
@@ -106,7 +106,7 @@ class LedgerEntry(BaseModel):
     owner: str | None = None
     lease_until: float | None = None
     sent_at: datetime | None = None
-    updated_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     retryable: bool | None = None
     error: dict[str, Any] | None = None
     outputs: list[dict[str, Any]] = Field(default_factory=list)
@@ -223,7 +223,7 @@ class SQLiteLedger:
         return LedgerEntry.model_validate_json(row[0]) if row else None
 
     def put(self, entry: LedgerEntry) -> None:
-        entry.updated_at = datetime.now(timezone.utc)
+        entry.updated_at = datetime.now(UTC)
         with self._conn() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO entries (key, scope, task_id, state, data)"
@@ -332,7 +332,7 @@ class S3Ledger:
     def put(self, entry: LedgerEntry) -> None:
         from botocore.exceptions import ClientError
 
-        entry.updated_at = datetime.now(timezone.utc)
+        entry.updated_at = datetime.now(UTC)
         seen = getattr(self._local, "seen", None)
         condition: dict[str, str] = {}
         if seen is not None and entry.key in seen:

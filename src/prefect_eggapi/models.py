@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
-from decimal import Decimal
-from enum import Enum
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import StrEnum
 from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
@@ -158,7 +158,7 @@ class Lenient(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
 
-class TaskStatus(str, Enum):
+class TaskStatus(StrEnum):
     PENDING = "pending"
     PROCESSING = "processing"
     COMPLETED = "completed"
@@ -188,7 +188,7 @@ class TaskOutput(Lenient):
 def _aware(value: datetime | None) -> datetime | None:
     """RFC 3339 requires an offset; a timestamp without one is taken as UTC."""
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
+        return value.replace(tzinfo=UTC)
     return value
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -136,7 +136,7 @@ class Submitter:
     def _claim(self, entry: LedgerEntry) -> None:
         entry.state = EntryState.SUBMITTING
         entry.owner = self.owner
-        entry.sent_at = datetime.now(timezone.utc)
+        entry.sent_at = datetime.now(UTC)
         entry.lease_until = time.time() + self.lease_seconds
         entry.error = None
         self.ledger.put(entry)
@@ -189,9 +189,9 @@ class Submitter:
             return SubmitOutcome(self.client.get_task(entry.task_id), entry, reconnected=True)
         if plan.action in ("reconcile", "wait"):
             window_end = (
-                datetime.fromtimestamp(entry.lease_until, timezone.utc)
+                datetime.fromtimestamp(entry.lease_until, UTC)
                 if entry.lease_until
-                else datetime.now(timezone.utc)
+                else datetime.now(UTC)
             )
             return self._reconcile(
                 request, entry, entry.sent_at or window_end, window_end, resubmit=True
