@@ -49,7 +49,7 @@ def _lines(source: str, s3: S3Client | None) -> Iterator[str]:
         if not bucket or not key:
             raise InvalidRequestError([("manifest", "must look like s3://bucket/key")])
         body = s3.get_object(Bucket=bucket, Key=key)["Body"]
-        yield from io.TextIOWrapper(body, encoding="utf-8-sig", newline="")  # type: ignore[arg-type]
+        yield from io.TextIOWrapper(body, encoding="utf-8-sig", newline="")  # type: ignore[type-var]
         return
     path = Path(source)
     if not path.is_file():
