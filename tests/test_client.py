@@ -1088,6 +1088,63 @@ def test_wait_signals_wake_the_poll_early(mode: str, mock: respx.MockRouter) -> 
     api.close()
 
 
+def test_a_recorded_signal_wakes_once_then_the_schedule_decides(
+    mode: str, mock: respx.MockRouter, sleeps: list[float]
+) -> None:
+    class AlwaysSignalled:
+        def __init__(self) -> None:
+            self.waits = 0
+
+        def wait(self, task_id: str, timeout: float) -> bool:
+            self.waits += 1
+            return True
+
+        async def await_signal(self, task_id: str, timeout: float) -> bool:
+            self.waits += 1
+            return True
+
+    policy = PollPolicy(initial_interval=0.5, max_interval=0.5, min_interval=0.5, jitter=0)
+    api = Api(mode, poll=policy)
+    route = mock.get(f"/v1/tasks/{TASK_ID}").mock(
+        side_effect=sequence(
+            ok(task_json("processing")),
+            ok(task_json("processing")),  # the signal arrived before the API caught up
+            ok(task_json("processing")),
+            ok(task_json("completed")),
+        )
+    )
+    signals = AlwaysSignalled()
+    assert api.wait_for_task(TASK_ID, timeout=100, signals=signals).is_terminal
+    assert route.call_count == 4
+    assert signals.waits == 1  # not a busy loop on a signal that stays recorded
+    assert sleeps == [0.0, 0.5, 0.5]  # first poll at once, then the schedule, not the signal
+    api.close()
+
+
+def test_signals_without_a_chosen_policy_poll_slowly(mode: str, mock: respx.MockRouter) -> None:
+    class NeverSignalled:
+        def __init__(self) -> None:
+            self.timeouts: list[float] = []
+
+        def wait(self, task_id: str, timeout: float) -> bool:
+            self.timeouts.append(timeout)
+            return False
+
+        async def await_signal(self, task_id: str, timeout: float) -> bool:
+            self.timeouts.append(timeout)
+            return False
+
+    api = Api(mode)
+    api.client._custom_poll = False  # as built without poll=: the defaults apply
+    mock.get(f"/v1/tasks/{TASK_ID}").mock(
+        side_effect=sequence(ok(task_json("processing")), ok(task_json("completed")))
+    )
+    signals = NeverSignalled()
+    assert api.wait_for_task(TASK_ID, timeout=100, signals=signals).is_terminal
+    assert len(signals.timeouts) == 1 and signals.timeouts[0] >= 13  # the 15 s backstop
+    api.close()
+
+
 # --------------------------------------------------------------------------- list / usage
 
 

@@ -273,6 +273,7 @@ class _BaseClient:
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self.retry = retry or RetryPolicy()
         self.poll = poll or PollPolicy()
+        self._custom_poll = poll is not None
         self.limiter: Limiter | None = (
             RateLimiter(rate_limit) if isinstance(rate_limit, int | float) else rate_limit
         )
@@ -386,7 +387,12 @@ class _Wait:
     """One wait's state: deadline, poll schedule, last task seen."""
 
     def __init__(
-        self, client: _BaseClient, task: Task | str, timeout: float, poll: PollPolicy | None
+        self,
+        client: _BaseClient,
+        task: Task | str,
+        timeout: float,
+        poll: PollPolicy | None,
+        signals: TaskSignals | None,
     ) -> None:
         if not timeout > 0:
             raise InvalidRequestError([("timeout", "must be > 0 seconds")], what="wait")
@@ -394,7 +400,13 @@ class _Wait:
         self.last = task if isinstance(task, Task) else None
         self.timeout = timeout
         self.started = time.monotonic()
-        self.schedule = PollSchedule(poll or client.poll, client.durations)
+        # With signals, polling is only the backstop for lost deliveries: slow by default.
+        slow = signals is not None and not client._custom_poll
+        default = PollPolicy.backstop() if slow else client.poll
+        self.schedule = PollSchedule(poll or default, client.durations)
+        # A signal wakes the wait once; after that (say the re-read was not terminal yet) the
+        # schedule decides, so a recorded signal cannot turn the loop into a busy poll.
+        self.signals = signals
 
     @property
     def done(self) -> bool:
@@ -541,13 +553,13 @@ class EggAPIClient(_BaseClient):
         Transient errors while polling do not end the wait; the deadline does, with
         :class:`TaskAbandonedError` carrying the task id (the task may still bill).
         """
-        wait = _Wait(self, task, timeout, poll)
+        wait = _Wait(self, task, timeout, poll, signals)
         while not wait.done:
             delay = wait.next_sleep()
-            if signals is not None and wait.last is not None:
-                signals.wait(wait.task_id, delay)
-            else:
+            if wait.signals is None or wait.last is None:
                 time.sleep(delay)
+            elif wait.signals.wait(wait.task_id, delay):
+                wait.signals = None
             try:
                 wait.last = self.get_task(wait.task_id)
             except EggAPIError as exc:
@@ -703,13 +715,13 @@ class AsyncEggAPIClient(_BaseClient):
         signals: TaskSignals | None = None,
     ) -> Task:
         """Async twin of :meth:`EggAPIClient.wait_for_task`."""
-        wait = _Wait(self, task, timeout, poll)
+        wait = _Wait(self, task, timeout, poll, signals)
         while not wait.done:
             delay = wait.next_sleep()
-            if signals is not None and wait.last is not None:
-                await signals.await_signal(wait.task_id, delay)
-            else:
+            if wait.signals is None or wait.last is None:
                 await asyncio.sleep(delay)
+            elif await wait.signals.await_signal(wait.task_id, delay):
+                wait.signals = None
             try:
                 wait.last = await self.get_task(wait.task_id)
             except EggAPIError as exc:

@@ -26,6 +26,13 @@ class PollPolicy:
     jitter: float = 0.1
     # Fraction of the learned phase duration to sleep before the first poll in that phase.
     learned_fraction: float = 0.9
+    # Use learned phase durations at all (a webhook backstop should not).
+    learn: bool = True
+
+    @classmethod
+    def backstop(cls) -> PollPolicy:
+        """For waits that a webhook signal wakes: polling only catches lost deliveries."""
+        return cls(initial_interval=15.0, max_interval=60.0, multiplier=2.0, learn=False)
 
     def __post_init__(self) -> None:
         if not 0 < self.min_interval <= self.initial_interval <= self.max_interval:
@@ -83,7 +90,7 @@ class PollSchedule:
                 else None
             )
             self._interval = p.initial_interval
-            base = learned * p.learned_fraction if learned else p.initial_interval
+            base = learned * p.learned_fraction if learned and p.learn else p.initial_interval
         else:
             self._interval = min(p.max_interval, self._interval * p.multiplier)
             base = self._interval

@@ -291,9 +291,12 @@ async def asubmit_edit(
 class _WaitObserver:
     """Logs and progress on status changes only; counts polls for the ledger and report."""
 
-    def __init__(self, task_id: str, label: str | None, progress: bool) -> None:
+    def __init__(
+        self, task_id: str, label: str | None, progress: bool, signals: TaskSignals | None = None
+    ) -> None:
         self.logger = _logger()
         self.task_id = task_id
+        self.signals = signals
         self.polls = 0
         self.status: TaskStatus | None = None
         name = " · ".join(p for p in (f"EggAPI task {task_id}", label or "") if p)
@@ -309,6 +312,11 @@ class _WaitObserver:
             percent = {TaskStatus.PENDING: 10, TaskStatus.PROCESSING: 50}.get(task.status, 100)
             self.progress.update(percent, f"{task.id}: {task.status.value}")
 
+    def _receiver_announced(self, task_id: str) -> bool:
+        """The webhook receiver already emitted this task's terminal event (one per task)."""
+        is_signalled = getattr(self.signals, "is_signalled", None)
+        return bool(is_signalled and is_signalled(task_id))
+
     def finished(self, ledger: LedgerStore, task: Task) -> Task:
         record_outcome(ledger, task.id, task=task, polls=self.polls)
         self.logger.info(
@@ -318,6 +326,8 @@ class _WaitObserver:
             task.cost or "?",
             self.polls,
         )
+        if self._receiver_announced(task.id):
+            return task
         emit_task_event(
             "completed",
             task.id,
@@ -341,6 +351,8 @@ class _WaitObserver:
             )
         elif isinstance(exc, TaskFailedError | EmptyOutputError):
             self.logger.error("%s (%s)", exc, exc.classification.value)
+            if self._receiver_announced(self.task_id):
+                return
             emit_task_event(
                 "failed", self.task_id, task=exc.task, classification=exc.classification.value
             )
@@ -369,7 +381,7 @@ def wait_for_task(
     """
     book = ledger or default_ledger()
     task_id = task.id if isinstance(task, Task) else task
-    observer = _WaitObserver(task_id, label, progress)
+    observer = _WaitObserver(task_id, label, progress, signals)
     creds = credentials or EggAPICredentials()
     with creds.get_client(poll) as client:
         try:
@@ -395,7 +407,7 @@ async def await_for_task(
     """Async :func:`wait_for_task`: hundreds can wait concurrently on one event loop."""
     book = ledger or default_ledger()
     task_id = task.id if isinstance(task, Task) else task
-    observer = await _in_thread(lambda: _WaitObserver(task_id, label, progress))
+    observer = await _in_thread(lambda: _WaitObserver(task_id, label, progress, signals))
     creds = credentials or EggAPICredentials()
     async with creds.get_async_client(poll) as client:
         try:
