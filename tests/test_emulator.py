@@ -925,3 +925,32 @@ def _healthy(base_url: str) -> bool:
         return httpx.get(f"{base_url}/_emulator/health", trust_env=False).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_cli_webhook_options_read_the_secret_from_the_environment(monkeypatch):
+    import argparse
+
+    from prefect_eggapi.emulator.cli import add_arguments, build_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    monkeypatch.setenv("HOOK_SECRET", "whsec_from_env_123")
+    args = parser.parse_args(
+        [
+            "--webhook-secret-env",
+            "HOOK_SECRET",
+            "--webhook-retries",
+            "3",
+            "--webhook-allow-host",
+            "127.0.0.1",
+            "--webhook-allow-host",
+            "localhost",
+        ]
+    )
+    config = build_config(args)
+    assert config.webhook_secret == "whsec_from_env_123"
+    assert config.webhook_retries == 3
+    assert config.webhook_allowed_hosts == ["127.0.0.1", "localhost"]
+    monkeypatch.delenv("HOOK_SECRET")
+    with pytest.raises(ValueError, match="HOOK_SECRET"):
+        build_config(parser.parse_args(["--webhook-secret-env", "HOOK_SECRET"]))

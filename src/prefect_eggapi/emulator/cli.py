@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -121,6 +122,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="JSON file with a full EmulatorConfig; the options above override it.",
     )
+    hooks = parser.add_argument_group("webhooks")
+    hooks.add_argument(
+        "--webhook-secret-env",
+        default=None,
+        metavar="VAR",
+        help="Sign webhooks with the secret in this environment variable (never on argv); "
+        "default: EGGAPI_EMULATOR_WEBHOOK_SECRET if set, else unsigned.",
+    )
+    hooks.add_argument(
+        "--webhook-retries",
+        type=int,
+        default=None,
+        help="Retries of a failed delivery (5xx, 429, timeouts), backing off 1, 2, 4 s.",
+    )
+    hooks.add_argument(
+        "--webhook-allow-host",
+        action="append",
+        default=None,
+        metavar="HOST",
+        help="Host name or CIDR webhooks may be delivered to (repeatable; default: loopback "
+        "only). Deliveries elsewhere are skipped and recorded in the audit.",
+    )
     logs = parser.add_argument_group("logging")
     logs.add_argument(
         "--log-level",
@@ -170,6 +193,15 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         "seed": args.seed,
     }
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if args.webhook_secret_env:
+        secret = os.environ.get(args.webhook_secret_env)
+        if not secret:
+            raise ValueError(f"--webhook-secret-env: ${args.webhook_secret_env} is empty")
+        data["webhook_secret"] = secret
+    if args.webhook_retries is not None:
+        data["webhook_retries"] = args.webhook_retries
+    if args.webhook_allow_host:
+        data["webhook_allowed_hosts"] = args.webhook_allow_host
     if args.moderation_word is not None:
         data["moderation_word"] = args.moderation_word or None
     if args.fault:
