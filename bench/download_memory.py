@@ -47,18 +47,25 @@ def main() -> None:
     from prefect_eggapi.client import EggAPIClient
     from prefect_eggapi.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
 
-    config = EmulatorConfig(api_keys={KEY: ApiKeyConfig(balance=Decimal(10))},
-                            pending_seconds=0, processing_seconds=0, rate_limit_per_second=None,
-                            png_noise=True)
+    config = EmulatorConfig(
+        api_keys={KEY: ApiKeyConfig(balance=Decimal(10))},
+        pending_seconds=0,
+        processing_seconds=0,
+        rate_limit_per_second=None,
+        png_noise=True,
+    )
     with EmulatorProcess(config) as emulator, EggAPIClient(KEY, emulator.base_url) as client:
-        task = client.generate(model="nanobanana-pro", prompt="benchmark skyline",
-                               resolution="4k", num_outputs=4)
+        task = client.generate(
+            model="nanobanana-pro", prompt="benchmark skyline", resolution="4k", num_outputs=4
+        )
         urls = client.wait_for_task(task, timeout=60).output_urls
         results = []
         for mode in ("streaming", "whole-body"):
             run = subprocess.run(
                 [sys.executable, __file__, "--child", mode, emulator.base_url, *urls],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             results.append(json.loads(run.stdout.strip().splitlines()[-1]))
     total_mb = sum(results[0]["sizes"]) / 2**20
@@ -67,10 +74,14 @@ def main() -> None:
     growth = {}
     for r in results:
         growth[r["mode"]] = r["after_mb"] - r["before_mb"]
-        print(f"{r['mode']:<12} {r['before_mb']:>10.1f}MB {r['after_mb']:>9.1f}MB "
-              f"{growth[r['mode']]:>6.1f}MB")
-    print(f"streaming growth: {growth['streaming']:.1f} MB (target < 64 MB); "
-          f"reading whole bodies grew {growth['whole-body']:.1f} MB on the same files")
+        print(
+            f"{r['mode']:<12} {r['before_mb']:>10.1f}MB {r['after_mb']:>9.1f}MB "
+            f"{growth[r['mode']]:>6.1f}MB"
+        )
+    print(
+        f"streaming growth: {growth['streaming']:.1f} MB (target < 64 MB); "
+        f"reading whole bodies grew {growth['whole-body']:.1f} MB on the same files"
+    )
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ asserts nothing.
     python bench/persist_memory.py 1 4 16       # other counts
     python bench/persist_memory.py --compare    # also three upload variants, for storage.py
 
-Measured here (N=2 -> N=8, 77 -> 293 MiB of PNGs), extra peak-RSS growth: default +106..121 MB
-(NOT flat: each ``upload_fileobj`` starts a new s3transfer thread pool, and glibc gives the new
-threads new malloc arenas that keep their freed memory); ``use_threads=False`` +3.5..8 MB (flat,
-same speed on loopback); a shared TransferManager +16..21 MB; malloc_trim +12..17 MB;
-``MALLOC_ARENA_MAX=2`` in the environment +18 MB.
+History: with one ``upload_fileobj`` per object, growth from N=2 to N=8 was +106..121 MB (each
+call starts a new s3transfer thread pool and glibc gives the new threads malloc arenas that keep
+their freed memory). ``OutputStore`` now reuses one TransferManager: measured N=2/8/24 (76 / 289 /
+872 MiB of PNGs) -> growth 55 / 75 / 78 MB, i.e. it plateaus once the pool's threads exist.
+``--compare`` also runs ``use_threads=False`` and ``malloc_trim`` variants.
 """
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ def peak_mb() -> float:
 
 
 VARIANTS = {
-    "default": "what the pipeline does today (OutputStore.from_settings)",
+    "default": "what the pipeline does (OutputStore.from_settings: one shared TransferManager)",
     "nothreads": "TransferConfig(use_threads=False): parts uploaded from the calling thread",
-    "shared": "one s3transfer TransferManager reused for every upload (threads live on)",
     "trim": "default + glibc malloc_trim(0) after each image",
 }
 
@@ -48,7 +47,6 @@ def _store_for(variant: str) -> tuple[Any, Any]:
         OutputStore,
         S3Settings,
         build_s3_client,
-        encode_metadata_value,
         make_transfer_config,
     )
 
@@ -59,20 +57,6 @@ def _store_for(variant: str) -> tuple[Any, Any]:
         config.use_threads = False
         client = build_s3_client(settings)
         store = OutputStore(client, settings.bucket, settings.prefix, transfer_config=config)
-    elif variant == "shared":
-        from s3transfer.manager import TransferManager
-
-        manager = TransferManager(store.client, settings.transfer_config())
-
-        def upload(spooled: Any, key: str, metadata: dict[str, str]) -> None:
-            extra = {
-                "ContentType": spooled.info.mime_type,
-                "Metadata": {k: encode_metadata_value(v) for k, v in metadata.items()},
-            }
-            spooled.fh.seek(0)
-            manager.upload(spooled.fh, store.bucket, key, extra_args=extra).result()
-
-        store._upload = upload  # type: ignore[method-assign]
     elif variant == "trim":
         import ctypes
 

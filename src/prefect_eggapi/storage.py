@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
@@ -42,6 +43,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from s3transfer.manager import TransferManager
 
 from prefect_eggapi.imageinfo import ImageInfo, ImageSniffer
 
@@ -509,9 +511,23 @@ class OutputStore:
         self._transfer = transfer_config or make_transfer_config()
         self._spool_max_memory = spool_max_memory
         self._presign_expires_in = _check_expires(presign_expires_in, "presign_expires_in")
+        self._manager: TransferManager | None = None
+        self._manager_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"OutputStore(bucket={self._bucket!r}, prefix={self._prefix!r})"
+
+    def _transfer_manager(self) -> TransferManager:
+        """One transfer manager (one thread pool) for the store's lifetime.
+
+        ``upload_fileobj`` starts a new pool per object; glibc gives each new thread its own
+        malloc arena and keeps it, so peak memory grew with the number of images persisted
+        (+106 MB from 2 to 8 4k images). Reusing the threads keeps it flat.
+        """
+        with self._manager_lock:
+            if self._manager is None:
+                self._manager = TransferManager(self._s3, self._transfer)
+            return self._manager
 
     # -- constructors ---------------------------------------------------------------------------
 
@@ -715,9 +731,9 @@ class OutputStore:
         }
         spooled.fh.seek(0)
         try:
-            self._s3.upload_fileobj(
-                spooled.fh, self._bucket, key, ExtraArgs=extra, Config=self._transfer
-            )
+            self._transfer_manager().upload(
+                spooled.fh, self._bucket, key, extra_args=extra
+            ).result()
         except (ClientError, BotoCoreError) as exc:
             raise UploadError(
                 f"upload to s3://{self._bucket}/{key} failed: {exc}",
