@@ -22,6 +22,7 @@ from prefect_eggapi.ratelimit import CombinedLimiter, Limiter, RateLimiter
 
 API_KEY_ENV = "EGGAPI_API_KEY"
 BASE_URL_ENV = "EGGAPI_BASE_URL"
+RATE_ENV = "EGGAPI_REQUESTS_PER_SECOND"
 
 _SHARED: dict[tuple[str, str, float], tuple[RateLimiter, DurationStats]] = {}
 _SHARED_LOCK = threading.Lock()
@@ -90,9 +91,12 @@ class EggAPICredentials(Block):
         default=4, ge=0, le=20, description="Retries of reads on 429, 5xx and network errors."
     )
     requests_per_second: float = Field(
-        default=20.0,
+        default_factory=lambda: float(os.environ.get(RATE_ENV) or 20.0),
         gt=0,
-        description="Client-side request rate shared by every client of this key in a process.",
+        description=(
+            "Client-side request rate shared by every client of this key in a process; "
+            "falls back to EGGAPI_REQUESTS_PER_SECOND, then 20."
+        ),
     )
     global_rate_limit: str | None = Field(
         default=None,

@@ -6,6 +6,14 @@ both must reconnect to the tasks already paid for rather than submit again.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+R = TypeVar("R")
+
 
 def run_scope() -> str:
     """``deployment:<id>:<scheduled start>`` for scheduled runs, else ``flow-run:<id>``.
@@ -22,3 +30,21 @@ def run_scope() -> str:
     if deployment_id and scheduled is not None:
         return f"deployment:{deployment_id}:{scheduled.isoformat()}"
     return f"flow-run:{run_id}"
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """The Prefect run logger inside a run; a plain logger when called outside one."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("prefect_eggapi")
+
+
+async def in_thread(fn: Callable[[], R]) -> R:
+    """Run blocking work (boto3, sqlite, a short POST) off the event loop, keeping the run
+    context (loggers, run ids) of the caller."""
+    ctx = contextvars.copy_context()
+    return await asyncio.to_thread(ctx.run, fn)

@@ -272,7 +272,7 @@ class SQLiteSignals:
                 return True
             try:
                 await asyncio.wait_for(event.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False
             return True
         finally:

@@ -8,18 +8,15 @@ variant is a real ``Task`` object, so ``.submit``, ``.map`` and ``.with_options`
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.exceptions import MissingContextError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from prefect_eggapi.artifacts import Progress, ReportRow, emit_task_event, publish_images
 from prefect_eggapi.client import EggAPIClient, TaskSignals
@@ -36,11 +33,9 @@ from prefect_eggapi.errors import (
 from prefect_eggapi.ledger import LedgerStore, default_ledger
 from prefect_eggapi.models import GenerateRequest, Task, TaskStatus
 from prefect_eggapi.polling import PollPolicy
-from prefect_eggapi.runtime import run_scope
+from prefect_eggapi.runtime import in_thread, run_logger, run_scope
 from prefect_eggapi.storage import OutputStore, S3Settings, StoredImage
 from prefect_eggapi.submission import Submitter, record_outcome
-
-R = TypeVar("R")
 
 DEFAULT_WAIT_SECONDS = 300.0
 
@@ -118,16 +113,34 @@ def _coerce(request: GenerateRequest | Mapping[str, Any]) -> GenerateRequest:
     raise InvalidRequestError([("request", "must be a GenerateRequest or a mapping")])
 
 
-def _budget(value: Decimal | float | str | None) -> Decimal | None:
+class Budget(BaseModel):
+    """A spend cap in dollars over a named scope (default: this run's scope).
+
+    A plain number as ``budget=`` caps the current run scope; a ``Budget`` with a ``scope`` caps
+    work that spans runs, e.g. a batch that is resumed by later flow runs.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    cap: Decimal = Field(ge=0)
+    scope: str | None = None
+
+
+BudgetLike = Decimal | float | str | Budget | None
+
+
+def _budget(value: BudgetLike) -> tuple[Decimal | None, str | None]:
     if value is None:
-        return None
+        return None, None
+    if isinstance(value, Budget):
+        return value.cap, value.scope
     try:
         amount = Decimal(str(value))
     except ArithmeticError:
         amount = Decimal(-1)
     if not amount.is_finite() or amount < 0:
         raise InvalidRequestError([("budget", "must be a non-negative amount in dollars")])
-    return amount
+    return amount, None
 
 
 def _store(store: OutputStore | S3Settings | Any | None) -> OutputStore:
@@ -144,22 +157,6 @@ def _store(store: OutputStore | S3Settings | Any | None) -> OutputStore:
     )
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
-    """The run logger inside Prefect runs; a plain logger when a task's ``.fn`` is called bare."""
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger("prefect_eggapi")
-
-
-async def _in_thread(fn: Callable[[], R]) -> R:
-    """Run blocking work (boto3, sqlite, one short POST) off the event loop, in task context."""
-    import contextvars
-
-    ctx = contextvars.copy_context()
-    return await asyncio.to_thread(ctx.run, fn)
-
-
 # --------------------------------------------------------------------------- submit
 
 
@@ -168,21 +165,25 @@ def _submit(
     credentials: EggAPICredentials | None,
     key: str | None,
     label: str | None,
-    budget: Decimal | float | str | None,
+    budget: BudgetLike,
     ledger: LedgerStore | None,
     edit: bool,
 ) -> Task:
-    logger = _logger()
+    logger = run_logger()
     req = _coerce(request)
     if edit and not req.image_urls:
         raise InvalidRequestError([("image_urls", "an edit needs at least one input image URL")])
-    cap = _budget(budget)
+    cap, budget_scope = _budget(budget)
     scope = run_scope()
     logical_key = key or f"{scope}/{label or ''}"
     creds = credentials or EggAPICredentials()
     with creds.get_client() as client:
         outcome = Submitter(client, ledger or default_ledger()).submit(
-            req, logical_key=logical_key, scope=scope, budget=cap, label=label or ""
+            req,
+            logical_key=logical_key,
+            scope=budget_scope or scope,
+            budget=cap,
+            label=label or "",
         )
     t = outcome.task
     if outcome.reconnected:
@@ -228,7 +229,7 @@ def submit_generation(
     *,
     key: str | None = None,
     label: str | None = None,
-    budget: Decimal | float | str | None = None,
+    budget: BudgetLike = None,
     ledger: LedgerStore | None = None,
 ) -> Task:
     """Create an EggAPI task once per logical key; retries and reruns reconnect to it.
@@ -246,7 +247,7 @@ def submit_edit(
     *,
     key: str | None = None,
     label: str | None = None,
-    budget: Decimal | float | str | None = None,
+    budget: BudgetLike = None,
     ledger: LedgerStore | None = None,
 ) -> Task:
     """Like :func:`submit_generation`, for requests with ``image_urls`` (``type: image_edit``)."""
@@ -260,11 +261,11 @@ async def asubmit_generation(
     *,
     key: str | None = None,
     label: str | None = None,
-    budget: Decimal | float | str | None = None,
+    budget: BudgetLike = None,
     ledger: LedgerStore | None = None,
 ) -> Task:
     """Async :func:`submit_generation`."""
-    return await _in_thread(
+    return await in_thread(
         partial(_submit, request, credentials, key, label, budget, ledger, False)
     )
 
@@ -276,13 +277,11 @@ async def asubmit_edit(
     *,
     key: str | None = None,
     label: str | None = None,
-    budget: Decimal | float | str | None = None,
+    budget: BudgetLike = None,
     ledger: LedgerStore | None = None,
 ) -> Task:
     """Async :func:`submit_edit`."""
-    return await _in_thread(
-        partial(_submit, request, credentials, key, label, budget, ledger, True)
-    )
+    return await in_thread(partial(_submit, request, credentials, key, label, budget, ledger, True))
 
 
 # --------------------------------------------------------------------------- wait
@@ -294,7 +293,7 @@ class _WaitObserver:
     def __init__(
         self, task_id: str, label: str | None, progress: bool, signals: TaskSignals | None = None
     ) -> None:
-        self.logger = _logger()
+        self.logger = run_logger()
         self.task_id = task_id
         self.signals = signals
         self.polls = 0
@@ -407,7 +406,7 @@ async def await_for_task(
     """Async :func:`wait_for_task`: hundreds can wait concurrently on one event loop."""
     book = ledger or default_ledger()
     task_id = task.id if isinstance(task, Task) else task
-    observer = await _in_thread(lambda: _WaitObserver(task_id, label, progress, signals))
+    observer = await in_thread(lambda: _WaitObserver(task_id, label, progress, signals))
     creds = credentials or EggAPICredentials()
     async with creds.get_async_client(poll) as client:
         try:
@@ -415,9 +414,9 @@ async def await_for_task(
                 task, timeout=timeout, on_poll=observer, signals=signals
             )
         except (TaskAbandonedError, TaskFailedError, EmptyOutputError) as exc:
-            await _in_thread(partial(observer.failed, book, exc))
+            await in_thread(partial(observer.failed, book, exc))
             raise
-    return await _in_thread(partial(observer.finished, book, done))
+    return await in_thread(partial(observer.finished, book, done))
 
 
 # --------------------------------------------------------------------------- persist
@@ -432,7 +431,7 @@ def _persist(
     image_artifacts: bool,
     ledger: LedgerStore | None,
 ) -> list[StoredImage]:
-    logger = _logger()
+    logger = run_logger()
     if task.status is not TaskStatus.COMPLETED:
         raise InvalidRequestError([("task", f"is {task.status.value}, not completed")])
     urls = task.output_urls
@@ -521,7 +520,7 @@ async def adownload_outputs(
     ledger: LedgerStore | None = None,
 ) -> list[StoredImage]:
     """Async :func:`download_outputs` (the transfer runs in a worker thread)."""
-    return await _in_thread(
+    return await in_thread(
         partial(_persist, task, store, credentials, label, metadata, image_artifacts, ledger)
     )
 
@@ -588,7 +587,7 @@ def _generate(
     credentials: EggAPICredentials | None,
     key: str | None,
     label: str | None,
-    budget: Decimal | float | str | None,
+    budget: BudgetLike,
     timeout: float,
     image_artifacts: bool,
     ledger: LedgerStore | None,
@@ -620,7 +619,7 @@ def generate_image(
     *,
     key: str | None = None,
     label: str | None = None,
-    budget: Decimal | float | str | None = None,
+    budget: BudgetLike = None,
     timeout: float = DEFAULT_WAIT_SECONDS,
     image_artifacts: bool = True,
     ledger: LedgerStore | None = None,
@@ -643,7 +642,7 @@ async def agenerate_image(
     *,
     key: str | None = None,
     label: str | None = None,
-    budget: Decimal | float | str | None = None,
+    budget: BudgetLike = None,
     timeout: float = DEFAULT_WAIT_SECONDS,
     image_artifacts: bool = True,
     ledger: LedgerStore | None = None,
@@ -651,11 +650,11 @@ async def agenerate_image(
     """Async :func:`generate_image`: the wait runs on the event loop, transfers in threads."""
     req = _coerce(request)
     book = ledger or default_ledger()
-    created = await _in_thread(partial(_submit, req, credentials, key, label, budget, book, False))
+    created = await in_thread(partial(_submit, req, credentials, key, label, budget, book, False))
     done = await await_for_task.fn(
         created, credentials, timeout=timeout, label=label, progress=False, ledger=book
     )
-    stored = await _in_thread(
+    stored = await in_thread(
         partial(_persist, done, store, credentials, label, None, image_artifacts, book)
     )
     return result_of(req, done, stored, label=label, ledger=book)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from prefect_eggapi.flows.batch import BatchParams, BatchSummary, batch_generate, run_batch
 from prefect_eggapi.flows.pipeline import (
     DEFAULT_EDIT_INSTRUCTIONS,
     ItemRecord,
@@ -12,14 +13,21 @@ from prefect_eggapi.flows.pipeline import (
     manifest_key,
     run_pipeline,
 )
+from prefect_eggapi.flows.recovery import RecoverySummary, recover_outputs
 
 __all__ = [
     "DEFAULT_EDIT_INSTRUCTIONS",
+    "BatchParams",
+    "BatchSummary",
     "ItemRecord",
     "PipelineError",
     "PipelineParams",
     "PipelineSummary",
+    "RecoverySummary",
+    "batch_generate",
     "image_pipeline",
     "manifest_key",
+    "recover_outputs",
+    "run_batch",
     "run_pipeline",
 ]

@@ -40,15 +40,14 @@ persisted) at a time; every step is its own task run named after the EggAPI task
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from decimal import Decimal
 from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -66,6 +65,7 @@ from prefect_eggapi.models import (
 )
 from prefect_eggapi.pricing import estimate_cost, format_cost
 from prefect_eggapi.prompts import PromptSource, TemplatePrompts, as_prompt_source
+from prefect_eggapi.runtime import in_thread, run_logger
 from prefect_eggapi.storage import (
     MAX_PRESIGN_SECONDS,
     OutputStore,
@@ -84,8 +84,6 @@ __all__ = [
     "manifest_key",
     "run_pipeline",
 ]
-
-R = TypeVar("R")
 
 DEFAULT_EDIT_INSTRUCTIONS: tuple[str, ...] = (
     "turn the scene to night with warm window lights",
@@ -231,23 +229,6 @@ class PipelineSummary(BaseModel):
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-
-
-async def _in_thread(fn: Callable[[], R]) -> R:
-    ctx = contextvars.copy_context()
-    return await asyncio.to_thread(ctx.run, fn)
-
-
-def _logger() -> Any:
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        import logging
-
-        return logging.getLogger("prefect_eggapi.flows")
 
 
 def manifest_key(store: OutputStore, run_key: str) -> str:
@@ -432,7 +413,7 @@ class _Run:
             logical_key = f"{self.run_key}/item-{index}/round-{rnd}"
             request = self.request(prompt, source_url)
             async with self.semaphore:
-                known = await _in_thread(partial(self._known_task, logical_key, request))
+                known = await in_thread(partial(self._known_task, logical_key, request))
                 task: Task | str
                 if known is not None and request.is_edit and p.use_presigned_inputs:
                     task = known  # reconnect by logical key: the presigned URL is new
@@ -538,7 +519,7 @@ async def run_pipeline(
     """The pipeline's body (call it inside a flow run; :func:`image_pipeline` does)."""
     from prefect_eggapi.artifacts import artifact_key, publish_report
 
-    logger = _logger()
+    logger = run_logger()
     try:
         prompts = params.prompt_source_for(prompt_source).prompts()
     except ValueError as exc:
@@ -552,7 +533,7 @@ async def run_pipeline(
         from prefect_aws import S3Bucket
 
         block = await S3Bucket.aload(s3_bucket_block)
-    store = await _in_thread(partial(_store, params, block))
+    store = await in_thread(partial(_store, params, block))
     run_key = (
         params.run_key or await _scheduled_slot() or ("params-" + _params_hash(params, prompts))
     )
@@ -597,10 +578,10 @@ async def run_pipeline(
     }
     body = json.dumps(manifest, indent=2, sort_keys=True).encode()
     key = manifest_key(store, run_key)
-    manifest_created = await _in_thread(partial(_write_manifest, store, key, body))
+    manifest_created = await in_thread(partial(_write_manifest, store, key, body))
     manifest_uri = store.uri(key)
 
-    total = await _in_thread(
+    total = await in_thread(
         partial(
             publish_report,
             sorted(run.rows, key=lambda r: r.label),

@@ -1,0 +1,178 @@
+"""Collect paid results nobody is waiting for any more: abandoned waits, crashed runs, orphans.
+
+EggAPI cannot cancel a task, so a wait that hit its deadline (``abandoned``) or a run that died
+after submitting leaves work that may still complete and bill. Output retention is unknown, so
+this flow, meant to run on a schedule, finds those tasks and persists their outputs promptly:
+
+* ledger entries that are ``abandoned``, ``submitted`` or ``completed`` but not ``persisted``;
+* with ``scan_api_pages``, completed tasks in ``GET /v1/tasks`` that no ledger entry has persisted
+  (e.g. a submit whose ledger write was lost), unless ``include_unknown`` is off.
+
+Completed tasks are persisted under the usual deterministic keys (re-running is free: stored
+outputs are skipped); failed ones are recorded; unfinished ones are left for the next run.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from functools import partial
+from typing import Any
+
+from prefect import flow
+from pydantic import BaseModel, Field
+
+from prefect_eggapi.errors import (
+    ContentModerationError,
+    EggAPIError,
+    EmptyOutputError,
+    TaskFailedError,
+    describe,
+)
+from prefect_eggapi.flows.pipeline import _credentials
+from prefect_eggapi.ledger import (
+    EntryState,
+    LedgerEntry,
+    LedgerStore,
+    default_ledger,
+    ledger_key,
+)
+from prefect_eggapi.models import Task, TaskStatus
+from prefect_eggapi.runtime import in_thread, run_logger
+from prefect_eggapi.storage import OutputStore, S3Settings
+from prefect_eggapi.submission import record_outcome
+
+PENDING_STATES = {EntryState.ABANDONED, EntryState.SUBMITTED, EntryState.COMPLETED}
+
+
+class RecoverySummary(BaseModel):
+    checked: int = 0
+    persisted: list[str] = Field(default_factory=list, description="Task ids stored now.")
+    failed: list[str] = Field(default_factory=list)
+    still_running: list[str] = Field(default_factory=list)
+    errors: dict[str, str] = Field(default_factory=dict)
+    recovered_cost: Decimal = Decimal("0")
+
+
+def _candidates(
+    ledger: LedgerStore, client: Any, scan_pages: int, include_unknown: bool, min_age: float
+) -> list[str]:
+    now = datetime.now(UTC)
+    ids: list[str] = []
+    for entry in ledger.entries(PENDING_STATES):
+        if entry.task_id and (now - entry.updated_at).total_seconds() >= min_age:
+            ids.append(entry.task_id)
+    if scan_pages and include_unknown:
+        persisted = {e.task_id for e in ledger.entries({EntryState.PERSISTED}) if e.task_id}
+        horizon = now - timedelta(seconds=min_age)
+        for task in client.iter_tasks(per_page=100, max_pages=scan_pages):
+            if (
+                task.status is TaskStatus.COMPLETED
+                and task.id not in persisted
+                and task.id not in ids
+                and (task.created_at is None or task.created_at <= horizon)
+            ):
+                ids.append(task.id)
+    return ids
+
+
+def _recover_one(
+    task_id: str,
+    client: Any,
+    store: OutputStore,
+    creds: Any,
+    ledger: LedgerStore,
+    summary: RecoverySummary,
+) -> None:
+    from prefect_eggapi.tasks import download_outputs
+
+    task: Task = client.get_task(task_id)
+    summary.checked += 1
+    if not task.is_terminal:
+        summary.still_running.append(task_id)
+        return
+    if task.status is TaskStatus.FAILED:
+        moderated = (task.error or "").lower().startswith("content moderation")
+        error = ContentModerationError(task) if moderated else TaskFailedError(task)
+        record_outcome(ledger, task_id, error=error)
+        summary.failed.append(task_id)
+        return
+    if not task.output_urls:
+        record_outcome(ledger, task_id, error=EmptyOutputError(task))
+        summary.failed.append(task_id)
+        return
+    if ledger.find_task(task_id) is None:
+        _adopt_orphan(ledger, task)
+    record_outcome(ledger, task_id, task=task)
+    download_outputs.fn(task, store, creds, label="recovered", image_artifacts=False, ledger=ledger)
+    summary.persisted.append(task_id)
+    summary.recovered_cost += task.cost_amount
+
+
+def _adopt_orphan(ledger: LedgerStore, task: Task) -> None:
+    """A paid task no entry knows (its ledger write was lost): record it so it is kept once."""
+    ledger.put(
+        LedgerEntry(
+            key=ledger_key(f"orphan/{task.id}", "unknown"),
+            logical_key=f"orphan/{task.id}",
+            fingerprint="unknown",
+            state=EntryState.COMPLETED,
+            task_id=task.id,
+            model=task.model or "unknown",
+            task_type=task.type or "unknown",
+            prompt_sha256="unknown",
+            cost=task.cost_amount,
+            history=[f"task {task.id} found by recovery in GET /v1/tasks"],
+        )
+    )
+
+
+@flow(name="eggapi-recovery", validate_parameters=True)
+async def recover_outputs(
+    bucket: str | None = None,
+    prefix: str | None = None,
+    scan_api_pages: int = 5,
+    include_unknown: bool = True,
+    min_age_seconds: float = 0.0,
+    credentials_block: str | None = None,
+) -> RecoverySummary:
+    """Persist outputs of tasks whose callers gave up; record failures; leave running ones.
+
+    Args:
+        bucket, prefix: where outputs go (default ``EGGAPI_S3_BUCKET`` / ``EGGAPI_S3_PREFIX``).
+        scan_api_pages: pages of ``GET /v1/tasks`` (100 each, newest first) to search for
+            completed tasks no ledger entry persisted; 0 checks the ledger only.
+        include_unknown: also persist completed tasks the ledger has never seen.
+        min_age_seconds: leave entries younger than this to the runs that own them.
+    """
+    logger = run_logger()
+    overrides: dict[str, Any] = {}
+    if bucket:
+        overrides["bucket"] = bucket
+    if prefix is not None:
+        overrides["prefix"] = prefix
+    store = OutputStore.from_settings(S3Settings.from_env(**overrides))
+    creds = await _credentials(credentials_block)
+    ledger = default_ledger()
+    summary = RecoverySummary()
+    with creds.get_client() as client:
+        ids = await in_thread(
+            partial(_candidates, ledger, client, scan_api_pages, include_unknown, min_age_seconds)
+        )
+        for task_id in ids:
+            try:
+                await in_thread(
+                    partial(_recover_one, task_id, client, store, creds, ledger, summary)
+                )
+            except EggAPIError as exc:
+                summary.errors[task_id] = describe(exc)["message"]
+    logger.info(
+        "Recovery: %d checked, %d persisted (%s), %d failed, %d still running, %d error(s)",
+        summary.checked,
+        len(summary.persisted),
+        summary.recovered_cost,
+        len(summary.failed),
+        len(summary.still_running),
+        len(summary.errors),
+    )
+    return summary

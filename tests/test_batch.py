@@ -1,0 +1,212 @@
+"""The batch flow: every line accounted for, resumable after a kill, budgeted, recoverable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from prefect import flow
+
+from prefect_eggapi.errors import TaskAbandonedError
+from prefect_eggapi.flows import batch_generate, recover_outputs
+from prefect_eggapi.flows.batch import BatchError
+from prefect_eggapi.ledger import EntryState, SQLiteLedger
+from prefect_eggapi.models import GenerateRequest
+from prefect_eggapi.tasks import submit_generation, wait_for_task
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
+
+
+@pytest.fixture
+def batch_env(eggapi_env, local_s3, s3_bucket, monkeypatch):
+    for name, value in local_s3.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EGGAPI_S3_BUCKET", s3_bucket)
+    monkeypatch.setenv("EGGAPI_S3_PREFIX", "out")
+    return eggapi_env
+
+
+def manifest(tmp_path: Path, n: int, extra: list[str] = (), name="batch.jsonl") -> str:
+    lines = [
+        json.dumps({"id": f"item-{i:04d}", "prompt": f"a tiny robot number {i}"}) for i in range(n)
+    ]
+    lines += list(extra)
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def status_lines(local_s3, bucket: str, uri: str) -> list[dict]:
+    key = uri.split(f"s3://{bucket}/", 1)[1]
+    body = local_s3.client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    return [json.loads(line) for line in body.splitlines()]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_every_line_accounted_for_and_rerun_resumes(batch_env, local_s3, s3_bucket, tmp_path):
+    broken = ["{oops", json.dumps({"id": "item-0001", "prompt": "dup"}), json.dumps({"x": 1})]
+    path = manifest(tmp_path, 12, broken)
+    with pytest.raises(BatchError, match="3 broken line"):
+        run(batch_generate(manifest=path, concurrency=4))
+    created = batch_env.created_tasks()
+    assert len(created) == 12
+    summary = run(batch_generate(manifest=path, concurrency=4, fail_on_item_error=False))
+    assert summary.items == 12 and summary.persisted == 12 and summary.resumed == 12
+    assert summary.broken_lines == 3 and summary.failed == 0
+    assert len(batch_env.created_tasks()) == 12  # the rerun paid for nothing
+    rows = status_lines(local_s3, s3_bucket, summary.status_uri)
+    assert [r["line"] for r in rows] == list(range(1, 16))  # every line, in order
+    assert {r["status"] for r in rows[:12]} == {"persisted"}
+    assert [r["status"] for r in rows[12:]] == ["broken"] * 3
+    assert all(r["s3_uris"][0].startswith(f"s3://{s3_bucket}/out/gen_") for r in rows[:12])
+    assert summary.total_cost == sum(Decimal(t["billed"]) for t in created)
+
+
+def test_failures_are_reported_per_item(batch_env, local_s3, s3_bucket, tmp_path):
+    batch_env.add_fault("upstream_failure", times=1)
+    path = manifest(tmp_path, 4, [json.dumps({"id": "bad", "prompt": "forbidden words"})])
+    with pytest.raises(BatchError, match="1 failed"):
+        run(batch_generate(manifest=path, concurrency=1))
+    uri = f"s3://{s3_bucket}/out/batches/"
+    listing = local_s3.client().list_objects_v2(Bucket=s3_bucket, Prefix="out/batches/")
+    status_key = next(o["Key"] for o in listing["Contents"] if o["Key"].endswith("status.jsonl"))
+    rows = status_lines(local_s3, s3_bucket, uri.split("out/batches/")[0] + status_key)
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["bad"]["status"] == "failed"
+    assert by_id["bad"]["error"]["type"] == "ContentModerationError"
+    assert all(by_id[f"item-{i:04d}"]["status"] == "persisted" for i in range(4))
+    statuses = [t["status"] for t in batch_env.created_tasks()]
+    # One upstream failure was retried as a fresh attempt; the moderated one was not retried.
+    assert statuses.count("failed") == 2 and statuses.count("completed") == 4
+
+
+def test_budget_stops_fanning_out(batch_env, local_s3, s3_bucket, tmp_path):
+    path = manifest(tmp_path, 10)
+    with pytest.raises(BatchError, match="skipped"):
+        run(
+            batch_generate(
+                manifest=path, model="nanobanana-pro", resolution="4k", budget=0.1, concurrency=1
+            )
+        )
+    billed = sum(Decimal(t["billed"]) for t in batch_env.created_tasks())
+    assert len(batch_env.created_tasks()) == 3 and billed <= Decimal("0.1")
+
+
+def test_kill_mid_batch_then_rerun_pays_once_and_loses_nothing(
+    batch_env, local_s3, s3_bucket, tmp_path, emulator_api_key, ledger_dir
+):
+    batch_env.set_config(pending_seconds=0.2, processing_seconds=0.6)
+    path = manifest(tmp_path, 40)
+    script = tmp_path / "batch_victim.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import asyncio
+        from prefect_eggapi.flows import batch_generate
+        asyncio.run(batch_generate(manifest={path!r}, concurrency=8))
+    """)
+    )
+    env = dict(os.environ)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    s3 = local_s3.client()
+    try:
+        deadline = time.monotonic() + 180
+        persisted = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            listing = s3.list_objects_v2(Bucket=s3_bucket, Prefix="out/batches/")
+            persisted = sum(
+                o["Key"].endswith(".persisted.json") for o in listing.get("Contents", [])
+            )
+            if persisted >= 10:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the batch finished before it could be killed"
+        assert persisted >= 10
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    before = len(batch_env.created_tasks())
+    assert before < 40 or persisted < 40
+    summary = run(batch_generate(manifest=path, concurrency=8))
+    assert summary.persisted == 40 and summary.failed == 0 and summary.resumed >= 10
+    created = batch_env.created_tasks()
+    assert len(created) == 40  # zero duplicates
+    assert len({t["task_id"] for t in created}) == 40
+    rows = status_lines(local_s3, s3_bucket, summary.status_uri)
+    assert len(rows) == 40 and {r["status"] for r in rows} == {"persisted"}
+
+
+def test_recovery_collects_an_abandoned_task(batch_env, local_s3, s3_bucket, ledger_dir):
+    batch_env.set_config(manual=True)
+
+    @flow
+    def impatient():
+        t = submit_generation(GenerateRequest(model="nanobanana", prompt="slow boat"), key="r-1")
+        return wait_for_task(t, timeout=0.3)
+
+    with pytest.raises(TaskAbandonedError) as info:
+        impatient()
+    task_id = info.value.task_id
+    ledger = SQLiteLedger(ledger_dir / "ledger.sqlite3")
+    assert ledger.find_task(task_id).state is EntryState.ABANDONED
+
+    first = run(recover_outputs(scan_api_pages=0))
+    assert first.still_running == [task_id] and first.persisted == []
+
+    batch_env.complete(task_id)
+    second = run(recover_outputs(scan_api_pages=0))
+    assert second.persisted == [task_id]
+    assert ledger.find_task(task_id).state is EntryState.PERSISTED
+    key = f"out/{task_id}/0.png"
+    head = local_s3.client().head_object(Bucket=s3_bucket, Key=key)
+    assert head["Metadata"]["eggapi-task-id"] == task_id
+    assert run(recover_outputs(scan_api_pages=0)).checked == 0  # nothing left to do
+
+
+def test_recovery_finds_orphans_in_the_task_list(batch_env, local_s3, s3_bucket, emulator_api_key):
+    from prefect_eggapi.client import EggAPIClient
+
+    with EggAPIClient(emulator_api_key, batch_env.base_url) as client:
+        orphan = client.generate(model="nanobanana", prompt="made outside any ledger")
+        client.wait_for_task(orphan, timeout=30)
+    summary = run(recover_outputs(scan_api_pages=2))
+    assert orphan.id in summary.persisted
+    assert run(recover_outputs(scan_api_pages=2)).persisted == []  # now recorded
+
+
+@pytest.mark.timeout(900)
+def test_thousand_item_batch_under_the_rate_limit(batch_env, tmp_path, monkeypatch):
+    batch_env.set_config(rate_limit_per_second=50, pending_seconds=0.05, processing_seconds=0.3)
+    monkeypatch.setenv("EGGAPI_REQUESTS_PER_SECOND", "45")
+    path = manifest(tmp_path, 1000)
+    started = time.monotonic()
+    summary = run(batch_generate(manifest=path, concurrency=64))
+    elapsed = time.monotonic() - started
+    audit = batch_env.audit()
+    created = batch_env.created_tasks()
+    assert summary.persisted == 1000 and summary.failed == 0
+    assert len(created) == 1000
+    limited = audit["rate_limited"]
+    requests = sum(sum(v.values()) for v in audit["requests"].values())
+    print(f"1000 items in {elapsed:.1f}s, {requests} API requests, {limited} x 429")
+    assert limited <= requests * 0.01  # no sustained 429 storm
