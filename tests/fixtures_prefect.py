@@ -25,9 +25,7 @@ def ledger_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture
-def eggapi_env(
-    emulator, emulator_api_key: str, ledger_dir: Path, monkeypatch: pytest.MonkeyPatch
-):
+def eggapi_env(emulator, emulator_api_key: str, ledger_dir: Path, monkeypatch: pytest.MonkeyPatch):
     """Point EggAPICredentials() at the session emulator through the documented variables."""
     monkeypatch.setenv("EGGAPI_API_KEY", emulator_api_key)
     monkeypatch.setenv("EGGAPI_BASE_URL", emulator.base_url)

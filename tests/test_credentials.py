@@ -63,7 +63,10 @@ def test_prefect_block_register_finds_the_block():
     env = dict(os.environ, PREFECT_API_URL=str(PREFECT_API_URL.value()))
     run = subprocess.run(
         [sys.executable, "-m", "prefect", "block", "register", "-m", "prefect_eggapi"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "EggAPI Credentials" in run.stdout

@@ -86,8 +86,9 @@ def test_run_leaves_events_artifacts_and_a_cost_table_that_matches_billing(
     # One image artifact per stored output, pointing at a presigned URL of that object.
     assert len(by_type["image"]) == 4
     stored_keys = {s.key for r in results for s in r.stored}
-    assert {a.data.split("?")[0].split(output_store.bucket + "/", 1)[1] for a in by_type["image"]} \
-        == stored_keys
+    assert {
+        a.data.split("?")[0].split(output_store.bucket + "/", 1)[1] for a in by_type["image"]
+    } == stored_keys
     table = next(a for a in by_type["table"] if a.key == "eggapi-test-report")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [row["task id"] for row in rows] == [r.task_id for r in results]

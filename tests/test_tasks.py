@@ -246,8 +246,12 @@ def test_sigkill_between_submit_and_completion_then_rerun_reconnects(
     )
     env = dict(os.environ, EGGAPI_API_KEY=emulator_api_key, EGGAPI_BASE_URL=eggapi_env.base_url)
     proc = subprocess.Popen(
-        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, start_new_session=True,
+        [sys.executable, str(script)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     try:
         task_id = None
@@ -274,8 +278,9 @@ def test_sigkill_between_submit_and_completion_then_rerun_reconnects(
 
     @flow
     def rerun():
-        t = submit_generation(GenerateRequest(model="nanobanana", prompt="survive a crash"),
-                              key="crash-1")
+        t = submit_generation(
+            GenerateRequest(model="nanobanana", prompt="survive a crash"), key="crash-1"
+        )
         return wait_for_task(t)
 
     done = rerun()
