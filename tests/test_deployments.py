@@ -116,11 +116,21 @@ def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> str:
 def test_prefect_yaml_is_what_the_readme_says():
     config = yaml.safe_load(PREFECT_FILE.read_text())
     names = {d["name"]: d for d in config["deployments"]}
-    assert set(names) == {"nightly-posters", "on-demand"}
-    for d in names.values():
-        assert d["entrypoint"] == "flows/image_pipeline.py:image_pipeline"
+    assert set(names) == {"nightly-posters", "on-demand", "recover-abandoned", "nightly-batch"}
+    entrypoints = {
+        "nightly-posters": "flows/image_pipeline.py:image_pipeline",
+        "on-demand": "flows/image_pipeline.py:image_pipeline",
+        "recover-abandoned": "flows/recover_outputs.py:recover_outputs",
+        "nightly-batch": "flows/batch_generate.py:batch_generate",
+    }
+    for name, d in names.items():
+        assert d["entrypoint"] == entrypoints[name]
         assert d["work_pool"]["name"] == POOL
+        path, _, func = d["entrypoint"].partition(":")
+        assert f"def {func}" in (REPO / path).read_text() or func in (REPO / path).read_text()
     assert names["nightly-posters"]["schedules"][0]["cron"] == "0 3 * * *"
+    assert names["recover-abandoned"]["schedules"][0]["cron"] == "*/15 * * * *"
+    assert names["nightly-batch"]["schedules"][0]["active"] is False
     readme = (REPO / "deployments" / "README.md").read_text()
     for command in (
         "prefect server start",
