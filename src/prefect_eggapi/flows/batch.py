@@ -28,16 +28,16 @@ from functools import partial
 from typing import Any, Literal
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from prefect_eggapi.artifacts import Progress, artifact_key
 from prefect_eggapi.batch_input import BatchItem, BrokenLine, read_manifest
 from prefect_eggapi.errors import BudgetExceededError, InvalidRequestError, describe
-from prefect_eggapi.flows.pipeline import _RUN_KEY_RE, _credentials, _scheduled_slot
-from prefect_eggapi.models import AspectRatio, Model, Resolution, problems_from
+from prefect_eggapi.flows.pipeline import FlowParams, _credentials, _scheduled_slot
+from prefect_eggapi.models import AspectRatio, Model, Resolution
 from prefect_eggapi.pricing import estimate_cost, format_cost
 from prefect_eggapi.runtime import in_thread, run_logger
-from prefect_eggapi.storage import OutputStore, S3Settings, validate_bucket_name, validate_prefix
+from prefect_eggapi.storage import OutputStore, S3Settings
 
 ItemStatus = Literal["persisted", "failed", "skipped"]
 
@@ -46,10 +46,8 @@ class BatchError(RuntimeError):
     """Some items failed or were skipped; the status manifest accounts for every line."""
 
 
-class BatchParams(BaseModel):
+class BatchParams(FlowParams):
     """Validated before anything is paid for; errors name the field."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     manifest: str = Field(description="Path or s3:// URI of a JSONL or CSV manifest.")
     manifest_format: Literal["jsonl", "csv"] | None = None
@@ -74,30 +72,6 @@ class BatchParams(BaseModel):
         if not value.strip():
             raise ValueError("must be a path or an s3://bucket/key URI")
         return value
-
-    @field_validator("bucket")
-    @classmethod
-    def _bucket(cls, value: str | None) -> str | None:
-        return None if value is None else validate_bucket_name(value, field="bucket")
-
-    @field_validator("prefix")
-    @classmethod
-    def _prefix(cls, value: str | None) -> str | None:
-        return None if value is None else validate_prefix(value, field="prefix")
-
-    @field_validator("run_key")
-    @classmethod
-    def _run_key(cls, value: str | None) -> str | None:
-        if value is not None and not _RUN_KEY_RE.match(value):
-            raise ValueError("must be 1-128 characters: letters, digits, '.', '_' or '-'")
-        return value
-
-    @classmethod
-    def parse(cls, data: dict[str, Any]) -> BatchParams:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise InvalidRequestError(problems_from(exc), what="batch parameters") from None
 
     def defaults(self) -> dict[str, Any]:
         out: dict[str, Any] = {

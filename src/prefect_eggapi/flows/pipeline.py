@@ -47,7 +47,7 @@ import re
 from collections.abc import Sequence
 from decimal import Decimal
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -97,10 +97,42 @@ class PipelineError(RuntimeError):
     """Some items failed; the manifest and report still describe everything that succeeded."""
 
 
-class PipelineParams(BaseModel):
-    """The pipeline's parameters, validated before any paid call (errors name the field)."""
+class FlowParams(BaseModel):
+    """Shared by the flows' parameter models: where outputs go and the run key, validated."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("bucket", check_fields=False)
+    @classmethod
+    def _bucket(cls, value: str | None) -> str | None:
+        return None if value is None else validate_bucket_name(value, field="bucket")
+
+    @field_validator("prefix", check_fields=False)
+    @classmethod
+    def _prefix(cls, value: str | None) -> str | None:
+        return None if value is None else validate_prefix(value, field="prefix")
+
+    @field_validator("run_key", check_fields=False)
+    @classmethod
+    def _run_key(cls, value: str | None) -> str | None:
+        if value is not None and not _RUN_KEY_RE.match(value):
+            raise ValueError(
+                "must be 1-128 characters: letters, digits, '.', '_' or '-', starting with a "
+                "letter or digit"
+            )
+        return value
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> Self:
+        """Validate, raising :class:`InvalidRequestError` that names every bad field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise InvalidRequestError(problems_from(exc), what="flow parameters") from None
+
+
+class PipelineParams(FlowParams):
+    """The pipeline's parameters, validated before any paid call (errors name the field)."""
 
     model: Model = "nanobanana-pro"
     count: int = Field(3, ge=1, le=1000, description="Number of prompts (items).")
@@ -141,34 +173,6 @@ class PipelineParams(BaseModel):
             if len(text) > MAX_PROMPT_CHARS:
                 raise ValueError(f"item {i} is longer than {MAX_PROMPT_CHARS} characters")
         return value
-
-    @field_validator("bucket")
-    @classmethod
-    def _bucket(cls, value: str | None) -> str | None:
-        return None if value is None else validate_bucket_name(value, field="bucket")
-
-    @field_validator("prefix")
-    @classmethod
-    def _prefix(cls, value: str | None) -> str | None:
-        return None if value is None else validate_prefix(value, field="prefix")
-
-    @field_validator("run_key")
-    @classmethod
-    def _run_key(cls, value: str | None) -> str | None:
-        if value is not None and not _RUN_KEY_RE.match(value):
-            raise ValueError(
-                "must be 1-128 characters: letters, digits, '.', '_' or '-', starting with a "
-                "letter or digit"
-            )
-        return value
-
-    @classmethod
-    def parse(cls, data: dict[str, Any]) -> PipelineParams:
-        """Validate, raising :class:`InvalidRequestError` that names every bad field."""
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise InvalidRequestError(problems_from(exc), what="pipeline parameters") from None
 
     @property
     def rounds(self) -> int:
