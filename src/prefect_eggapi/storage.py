@@ -138,14 +138,36 @@ class UploadError(StorageError):
     @property
     def retryable(self) -> bool:
         """False for errors that the same call cannot get past (permissions, missing bucket)."""
-        return self.code not in {
-            "AccessDenied",
-            "InvalidAccessKeyId",
-            "SignatureDoesNotMatch",
-            "NoSuchBucket",
-            "InvalidBucketName",
-            "AllAccessDisabled",
-        }
+        return self.code not in PERMANENT_S3_CODES
+
+
+PERMANENT_S3_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "NoSuchBucket",
+        "InvalidBucketName",
+        "AllAccessDisabled",
+    }
+)
+
+
+def is_transient_s3_error(exc: BaseException) -> bool:
+    """Whether another try of the same S3 call may succeed: the server was unreachable, a
+    connection dropped, or it answered 5xx / throttled; not permissions or a missing bucket."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    if isinstance(exc, UploadError):
+        return exc.retryable
+    if isinstance(exc, BotoConnectionError | HTTPClientError | OSError):
+        return True
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return code not in PERMANENT_S3_CODES and (status >= 500 or code in ("SlowDown", "503"))
+    return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from prefect_eggapi.ledger import LedgerStore, default_ledger
 from prefect_eggapi.models import GenerateRequest, Task, TaskStatus
 from prefect_eggapi.polling import PollPolicy
 from prefect_eggapi.runtime import in_thread, run_logger, run_scope
-from prefect_eggapi.storage import OutputStore, S3Settings, StoredImage
+from prefect_eggapi.storage import OutputStore, S3Settings, StoredImage, is_transient_s3_error
 from prefect_eggapi.submission import Submitter, record_outcome
 
 DEFAULT_WAIT_SECONDS = 300.0
@@ -47,14 +47,13 @@ def _exception(state: State[Any]) -> BaseException | None:
     return data if isinstance(data, BaseException) else None
 
 
-def _retry_when(*classes: ErrorClass, also: tuple[type[BaseException], ...] = ()) -> Any:
+def _retry_when(*classes: ErrorClass) -> Any:
     def should_retry(task: Any, task_run: TaskRun, state: State[Any]) -> bool:
         exc = _exception(state)
         if exc is None:
             return False
-        if also and isinstance(exc, also):
-            return True
-        return classify(exc) in classes
+        # S3 errors sit outside the EggAPI taxonomy: an unreachable or 5xx S3 is transient.
+        return classify(exc) in classes or is_transient_s3_error(exc)
 
     should_retry.__name__ = f"retry_when_{'_'.join(c.value for c in classes)}"
     return should_retry
@@ -63,7 +62,7 @@ def _retry_when(*classes: ErrorClass, also: tuple[type[BaseException], ...] = ()
 #: Submits retry transient failures and re-reconcile ambiguous ones (never a blind POST).
 retry_submit = _retry_when(ErrorClass.RETRYABLE, ErrorClass.AMBIGUOUS)
 #: Downloads/persists retry transient network and S3 errors.
-retry_transient = _retry_when(ErrorClass.RETRYABLE, also=(OSError,))
+retry_transient = _retry_when(ErrorClass.RETRYABLE)
 #: The whole chain may also start a fresh attempt after an upstream failure of the remote task.
 retry_generation = _retry_when(ErrorClass.RETRYABLE, ErrorClass.AMBIGUOUS)
 

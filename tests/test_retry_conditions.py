@@ -1,0 +1,91 @@
+"""Which failures Prefect retries: the taxonomy wired into retry_condition_fn."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+from prefect.states import Failed
+
+from prefect_eggapi.errors import (
+    AmbiguousSubmitError,
+    APIValidationError,
+    BudgetExceededError,
+    ContentModerationError,
+    DownloadError,
+    InsufficientBalanceError,
+    OutputGoneError,
+    TaskAbandonedError,
+    TaskFailedError,
+    UpstreamError,
+)
+from prefect_eggapi.models import Task, TaskStatus
+from prefect_eggapi.storage import UploadError, is_transient_s3_error
+from prefect_eggapi.tasks import retry_generation, retry_submit, retry_transient
+
+NOW = datetime.now(UTC)
+FAILED = Task(id="gen_x", status=TaskStatus.FAILED, error="Upstream provider error")
+MODERATED = Task(id="gen_y", status=TaskStatus.FAILED, error="Content moderation: no")
+
+
+def client_error(code: str, status: int) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
+        "PutObject",
+    )
+
+
+CASES = [
+    # exception, retried by submit, by persist, by generate (whole chain)
+    (APIValidationError("bad"), False, False, False),
+    (InsufficientBalanceError("poor"), False, False, False),
+    (ContentModerationError(MODERATED), False, False, False),
+    (BudgetExceededError(scope="s", cap=1, committed=1, estimate=1), False, False, False),
+    (TaskAbandonedError("gen_z", last_status="processing", waited_seconds=5), False, False, False),
+    (OutputGoneError("gone", url="http://x/0.png", status_code=404), False, False, False),
+    (UpstreamError("502"), True, True, True),
+    (TaskFailedError(FAILED), True, True, True),
+    (DownloadError("truncated", url="http://x/0.png"), True, True, True),
+    (
+        AmbiguousSubmitError(
+            "timeout",
+            sent_at=NOW,
+            failed_at=NOW,
+            model="nanobanana",
+            prompt="p",
+            task_type="image_generate",
+        ),
+        True,
+        False,
+        True,
+    ),
+    (EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), True, True, True),
+    (client_error("InternalError", 500), True, True, True),
+    (client_error("AccessDenied", 403), False, False, False),
+    (UploadError("denied", bucket="b", key="k", code="AccessDenied"), False, False, False),
+    (UploadError("reset", bucket="b", key="k", code=None), True, True, True),
+    (ValueError("a bug"), False, False, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("exc", "submit", "persist", "generate"),
+    CASES,
+    ids=[type(c[0]).__name__ + str(i) for i, c in enumerate(CASES)],
+)
+def test_retry_decisions(exc, submit, persist, generate):
+    state = Failed(data=exc)
+    assert retry_submit(None, None, state) is submit
+    assert retry_transient(None, None, state) is persist
+    assert retry_generation(None, None, state) is generate
+
+
+def test_a_state_without_an_exception_is_not_retried():
+    assert retry_submit(None, None, Failed(data="just a message")) is False
+
+
+def test_is_transient_s3_error_direct():
+    assert is_transient_s3_error(ConnectionResetError())
+    assert not is_transient_s3_error(client_error("NoSuchBucket", 404))
+    assert is_transient_s3_error(client_error("SlowDown", 503))
