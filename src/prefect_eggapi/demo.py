@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if not args.verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        # Quiet terminal, full run logs in the Prefect UI/API.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     ledger_dir = tempfile.mkdtemp(prefix="eggapi-demo-ledger-")
     saved_env = {
         k: os.environ.get(k)

@@ -38,7 +38,7 @@ __all__ = [
 DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a poster of {subject}, {style}",
     "{subject}, {style}, wide establishing shot",
-    "a {style} illustration of {subject} at golden hour",
+    "{subject} at golden hour, {style} illustration",
 )
 DEFAULT_SUBJECTS: tuple[str, ...] = (
     "a red lighthouse on a rocky coast",

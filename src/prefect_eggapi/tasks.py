@@ -33,6 +33,7 @@ from prefect_eggapi.errors import (
 from prefect_eggapi.ledger import LedgerStore, default_ledger
 from prefect_eggapi.models import GenerateRequest, Task, TaskStatus
 from prefect_eggapi.polling import PollPolicy
+from prefect_eggapi.pricing import format_cost
 from prefect_eggapi.runtime import in_thread, run_logger, run_scope
 from prefect_eggapi.storage import OutputStore, S3Settings, StoredImage, is_transient_s3_error
 from prefect_eggapi.submission import Submitter, record_outcome
@@ -198,7 +199,7 @@ def _submit(
             req.model,
             req.task_type,
             outcome.entry.attempt,
-            outcome.entry.estimate,
+            format_cost(outcome.entry.estimate),
         )
         emit_task_event(
             "submitted",
