@@ -233,7 +233,10 @@ def test_replay_is_rejected(receiver: tuple[WebhookReceiver, str], fake: FakePro
         (lambda: signed(payload(), ts=int(time.time()) - 301), 401, "stale_timestamp"),
         (lambda: signed(payload(), ts=int(time.time()) + 400), 401, "future_timestamp"),
         (
-            lambda: (json.dumps(payload()).encode(), {"X-EggAPI-Timestamp": "1"}),
+            lambda: (
+                json.dumps(payload()).encode(),
+                {"X-EggAPI-Timestamp": "1", "Content-Type": "application/json"},
+            ),
             401,
             "missing_signature",
         ),
@@ -296,7 +299,11 @@ def test_chunked_oversized_body_is_rejected_while_streaming(
         for _ in range(100):
             yield b"x" * 1024
 
-    response = httpx.post(url, content=chunks(), headers={"X-EggAPI-Timestamp": "1"})
+    response = httpx.post(
+        url,
+        content=chunks(),
+        headers={"X-EggAPI-Timestamp": "1", "Content-Type": "application/json"},
+    )
     assert response.status_code == 413
     assert fake.calls == []
 
@@ -317,7 +324,11 @@ def test_refuses_to_run_unsigned_unless_allowed(fake: FakeProcessor) -> None:
         WebhookReceiver([], processor=fake)
     rec = WebhookReceiver([], processor=fake, allow_unsigned=True)
     with serve_asgi(rec.app) as url:
-        response = httpx.post(url + rec.path, content=json.dumps(payload()).encode())
+        response = httpx.post(
+            url + rec.path,
+            content=json.dumps(payload()).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         assert response.status_code == 202
     fake.wait_calls(1)
 
@@ -429,7 +440,11 @@ def test_bad_signature_from_the_emulator_is_rejected(
     task = api.generate(model="nanobanana", prompt="a fox", webhook_url=url)
     emulator.complete(task.id)
     wait_stat(rec, "rejected:signature_mismatch")
-    [record] = emulator.webhook_deliveries(task.id)
+    # The emulator records the delivery once it has read our answer: wait for that too.
+    deadline = time.monotonic() + 10
+    while not (records := emulator.webhook_deliveries(task.id)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [record] = records
     assert record["http_status"] == 401 and record["outcome"] == "rejected"
     assert rec.stats["processed"] == 0
 
@@ -535,3 +550,20 @@ def test_signals_wake_async_waits_from_another_process(tmp_path: Path) -> None:
     assert woke and elapsed < 10
     assert not signals.wait("gen_other", 0.1)
     assert signals.wait("gen_x", 0)
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_wrong_content_type_is_rejected_before_anything_else(content_type):
+    from starlette.testclient import TestClient
+
+    from prefect_eggapi.receiver import WebhookReceiver
+
+    seen: list[object] = []
+    receiver = WebhookReceiver([SecretStr("whsec_ct_test")], processor=seen.append)
+    headers = {} if content_type is None else {"content-type": content_type}
+    with TestClient(receiver.app) as http:
+        response = http.post("/eggapi/webhook", content=b"{}", headers=headers)
+    assert response.status_code == 415
+    assert response.json()["error"] == "unsupported_media_type"
+    assert seen == []
+    assert receiver.stats["rejected:unsupported_media_type"] == 1

@@ -248,6 +248,11 @@ class WebhookReceiver:
         return b"".join(chunks)
 
     async def _handle(self, request: Request) -> Response:
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            return self._reject(
+                request, 415, "unsupported_media_type", "webhooks are sent as application/json"
+            )
         raw = await self._read_body(request)
         if raw is None:
             return self._reject(
