@@ -17,7 +17,8 @@ from prefect_eggapi.client import EggAPIClient
 from prefect_eggapi.models import Task
 
 # Our clock against the server's: widened further by the offset the client measured, if any.
-DEFAULT_SKEW = timedelta(seconds=5)
+# created_at has whole seconds, so the learned offset is good to about a second.
+DEFAULT_SKEW = timedelta(seconds=1.5)
 UNKNOWN_OFFSET_SKEW = timedelta(seconds=60)
 
 
@@ -29,13 +30,15 @@ class Evidence:
     window_end: datetime
     scanned: int = 0
     candidates: list[str] = field(default_factory=list)
+    note: str = ""
 
     def __str__(self) -> str:
         ids = ", ".join(self.candidates) or "none"
-        return (
+        text = (
             f"scanned {self.scanned} tasks created between {self.window_start.isoformat()} and "
             f"{self.window_end.isoformat()}; candidates: {ids}"
         )
+        return f"{text}; {self.note}" if self.note else text
 
 
 @dataclass

@@ -80,6 +80,7 @@ class Submitter:
         lease_seconds: float | None = None,
         settle_seconds: float = 2.0,
         owner_wait_poll: float = 0.25,
+        sibling_wait_seconds: float = 10.0,
     ) -> None:
         self.client = client
         self.ledger = ledger
@@ -90,6 +91,7 @@ class Submitter:
         )
         self.settle_seconds = settle_seconds
         self.owner_wait_poll = owner_wait_poll
+        self.sibling_wait_seconds = sibling_wait_seconds
         self.owner = owner_id()
 
     # ------------------------------------------------------------------ decisions
@@ -120,6 +122,20 @@ class Submitter:
         if entry.owner == self.owner or owner_is_dead(entry.owner) or entry.lease_expired():
             return _Plan("reconcile", entry)
         return _Plan("wait", entry)
+
+    def _siblings(self, entry: LedgerEntry, start: datetime, end: datetime) -> list[LedgerEntry]:
+        """Other unresolved submits of the same model and type whose POST overlapped ours."""
+        now = datetime.now(UTC)
+        out = []
+        for other in self.ledger.entries({EntryState.SUBMITTING, EntryState.AMBIGUOUS}):
+            if other.key == entry.key or other.sent_at is None:
+                continue
+            if other.model != entry.model or other.task_type != entry.task_type:
+                continue
+            other_end = datetime.fromtimestamp(other.lease_until, UTC) if other.lease_until else now
+            if other.sent_at <= end and other_end >= start:
+                out.append(other)
+        return out
 
     def _check_budget(self, entry: LedgerEntry, cap: Decimal | None) -> None:
         if cap is None or not entry.scope:
@@ -235,17 +251,34 @@ class Submitter:
     ) -> SubmitOutcome:
         offset = self.client.clock_offset
         shift = timedelta(seconds=offset or 0)
-        result = reconcile(
-            self.client,
-            model=request.model,
-            task_type=request.task_type,
-            prompt=request.prompt,
-            sent_at=sent_at + shift,
-            failed_at=failed_at + shift,
-            exclude=self.ledger.known_task_ids(),
-            settle_seconds=self.settle_seconds,
-            skew=DEFAULT_SKEW if offset is not None else UNKNOWN_OFFSET_SKEW,
-        )
+        skew = DEFAULT_SKEW if offset is not None else UNKNOWN_OFFSET_SKEW
+        deadline = time.monotonic() + self.sibling_wait_seconds
+        while True:
+            result = reconcile(
+                self.client,
+                model=request.model,
+                task_type=request.task_type,
+                prompt=request.prompt,
+                sent_at=sent_at + shift,
+                failed_at=failed_at + shift,
+                exclude=self.ledger.known_task_ids(),
+                settle_seconds=self.settle_seconds,
+                skew=skew,
+            )
+            siblings = self._siblings(entry, sent_at - skew, failed_at + skew)
+            if result.task is None or not siblings:
+                break
+            # The one candidate may belong to a concurrent submit of ours whose answer has not
+            # been recorded yet (or that is itself ambiguous): the task list shows no prompt, so
+            # adopting now could give this item another item's image. Let them settle first.
+            if time.monotonic() > deadline:
+                result.task = None
+                result.evidence.note = (
+                    f"{len(siblings)} concurrent submit(s) of the same model are unresolved "
+                    "in this window; adopting could take another item's task"
+                )
+                break
+            time.sleep(self.owner_wait_poll)
         if result.task is not None:
             self._record_submitted(entry, result.task, "adopted by reconciliation")
             return SubmitOutcome(result.task, entry, adopted=True)

@@ -176,6 +176,24 @@ class _Batch:
             ContentType="application/json",
         )
 
+    async def record_durably(self, result: ItemResult, attempts: int = 8) -> None:
+        """Status objects survive a short S3 outage: transient errors are retried with backoff
+        (about a minute in all); if S3 stays away the result still reaches status.jsonl, and a
+        rerun redoes the item for free (ledger + deterministic keys)."""
+        from prefect_eggapi.storage import is_transient_s3_error
+
+        for attempt in range(attempts):
+            try:
+                await in_thread(partial(self.record, result))
+                return
+            except Exception as exc:
+                if not is_transient_s3_error(exc) or attempt == attempts - 1:
+                    run_logger().warning(
+                        "Could not write the status object of %s: %s", result.id, exc
+                    )
+                    return
+                await asyncio.sleep(min(16.0, 0.5 * 2**attempt))
+
     async def run_item(self, item: BatchItem, progress: Progress, total: int) -> ItemResult:
         from prefect_eggapi.tasks import agenerate_image
 
@@ -220,7 +238,7 @@ class _Batch:
                         task_id=getattr(exc, "task_id", None),
                         error=describe(exc),
                     )
-            await in_thread(partial(self.record, result))
+            await self.record_durably(result)
         self.finished += 1
         progress.update(100 * self.finished / max(total, 1), f"{self.finished}/{total} items")
         return result
