@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any, cast
@@ -145,6 +146,8 @@ class Progress:
         self._description = description
         self._last: float | None = None
         self._id: UUID | None = None
+        self._updated_at = 0.0
+        self.min_interval = 1.0
         try:
             self._id = cast(
                 UUID,
@@ -155,9 +158,14 @@ class Progress:
             log.debug("could not create progress artifact", exc_info=True)
 
     def update(self, percent: float, description: str | None = None) -> None:
+        """At most once a second (always at 100 %): each update is an API call."""
         value = round(max(0.0, min(100.0, percent)), 0)
         if self._id is None or value == self._last:
             return
+        now = time.monotonic()
+        if value < 100 and now - self._updated_at < self.min_interval:
+            return
+        self._updated_at = now
         try:
             update_progress_artifact(
                 self._id, progress=value, description=description or self._description, **_SYNC

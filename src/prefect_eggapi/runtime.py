@@ -7,6 +7,7 @@ both must reconnect to the tasks already paid for rather than submit again.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
 import logging
 from collections.abc import Callable
@@ -20,6 +21,16 @@ def run_scope() -> str:
 
     Outside any flow run the scope is ``adhoc``: pass an explicit ``key`` there.
     """
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is not None and ctx.flow_run is not None:
+        # In-process: the run is in memory (prefect.runtime would ask the API every time).
+        run = ctx.flow_run
+        if run.deployment_id and run.expected_start_time is not None:
+            return f"deployment:{run.deployment_id}:{run.expected_start_time.isoformat()}"
+        return f"flow-run:{run.id}"
+
     from prefect.runtime import deployment, flow_run
 
     run_id = flow_run.id
@@ -43,8 +54,12 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
         return logging.getLogger("prefect_eggapi")
 
 
+_IO_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="eggapi-io")
+
+
 async def in_thread(fn: Callable[[], R]) -> R:
     """Run blocking work (boto3, sqlite, a short POST) off the event loop, keeping the run
-    context (loggers, run ids) of the caller."""
+    context (loggers, run ids) of the caller. A dedicated pool: asyncio's default has
+    ``cpu + 4`` threads, which throttled a batch's S3 calls to six at a time."""
     ctx = contextvars.copy_context()
-    return await asyncio.to_thread(ctx.run, fn)
+    return await asyncio.get_running_loop().run_in_executor(_IO_POOL, ctx.run, fn)

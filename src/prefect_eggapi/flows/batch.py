@@ -133,6 +133,7 @@ class _Batch:
         self.semaphore = asyncio.Semaphore(params.concurrency)
         self.stop_submitting = False
         self.finished = 0
+        self.existing: dict[str, set[str]] = {}  # item id -> statuses stored, from the listing
         # The cap spans every run of this batch (resumes included), not one flow run.
         self.budget = (
             None if params.budget is None else _budget_for(params.budget, f"batch:{run_key}")
@@ -149,9 +150,10 @@ class _Batch:
         )
         for page in pages:
             for obj in page.get("Contents", []):
-                name = obj["Key"][len(prefix) :]
-                if name.endswith(".persisted.json"):
-                    done.add(name[: -len(".persisted.json")])
+                item_id, _, rest = obj["Key"][len(prefix) :].rpartition(".")[0].rpartition(".")
+                self.existing.setdefault(item_id, set()).add(rest)
+                if rest == "persisted":
+                    done.add(item_id)
         return done
 
     def load_persisted(self, item_id: str) -> ItemResult:
@@ -164,17 +166,17 @@ class _Batch:
         """Write the item's status object; remove a stale one of another status."""
         assert result.id is not None
         client = self.store.client
-        for other in ("persisted", "failed", "skipped"):
-            if other != result.status:
-                client.delete_object(
-                    Bucket=self.store.bucket, Key=self.status_key(result.id, other)
-                )
         client.put_object(
             Bucket=self.store.bucket,
             Key=self.status_key(result.id, result.status),
             Body=result.model_dump_json().encode(),
             ContentType="application/json",
         )
+        # Only statuses the start-of-run listing saw can be stale (a fresh batch has none).
+        known = self.existing.setdefault(result.id, set())
+        for other in known - {result.status}:
+            client.delete_object(Bucket=self.store.bucket, Key=self.status_key(result.id, other))
+        self.existing[result.id] = {result.status}
 
     async def record_durably(self, result: ItemResult, attempts: int = 8) -> None:
         """Status objects survive a short S3 outage: transient errors are retried with backoff
@@ -240,7 +242,8 @@ class _Batch:
                     )
             await self.record_durably(result)
         self.finished += 1
-        progress.update(100 * self.finished / max(total, 1), f"{self.finished}/{total} items")
+        percent = 100 * self.finished / max(total, 1)
+        await in_thread(partial(progress.update, percent, f"{self.finished}/{total} items"))
         return result
 
 
