@@ -97,7 +97,8 @@ def child(task_ids: list[str], warmup_id: str) -> None:
     )
 
 
-def main(counts: list[int], variants: list[str]) -> None:
+def measure(counts: list[int], variants: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Peak-RSS figures per variant and count (each count in a fresh child process)."""
     from prefect_eggapi.client import EggAPIClient
     from prefect_eggapi.stack import LocalStack
 
@@ -140,6 +141,11 @@ def main(counts: list[int], variants: list[str]) -> None:
                     raise SystemExit(f"child failed:\n{run.stderr[-3000:]}")
                 results.append(json.loads(run.stdout.strip().splitlines()[-1]))
             report[variant] = results
+    return report
+
+
+def main(counts: list[int], variants: list[str]) -> None:
+    report = measure(counts, variants)
     for variant, results in report.items():
         print(f"\n[{variant}] {VARIANTS[variant]}")
         print(f"{'N 4k images':>12} {'MiB stored':>11} {'peak RSS before':>16} {'after':>8} "

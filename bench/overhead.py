@@ -1,0 +1,453 @@
+"""Bench 1 (overhead): the Prefect batch flow vs a hand-written asyncio+httpx+boto3 script.
+
+Same emulator timing, same N, same concurrency, back to back in one invocation against one local
+stack (A/B, order alternated on repeats). Each side runs in a fresh process; the ratio is Prefect
+flow wall time / baseline wall time (the ephemeral API server's start-up is excluded and shown
+separately). ``--variants`` also runs the flow with proposed src/ changes simulated in-process
+(monkeypatches, see VARIANTS) to measure their gain.
+
+    python bench/overhead.py [--n 200 1000] [--concurrency 50] [--profile]
+
+The rest of this docstring describes the child, which is also the Prefect side of the other
+benches (``python bench/overhead.py --child SPEC OUT``):
+
+``batch`` runs the library's ``batch_generate`` flow over a manifest (one ``agenerate_image``
+task run per line: submit -> wait -> persist). ``tasks`` runs a small flow of the library's own
+tasks (``asubmit_generation`` -> ``await_for_task`` -> ``adownload_outputs``) so that the wait can
+be woken by webhooks (``signals=``), which ``batch_generate`` does not expose.
+
+The child records, in-process: when each task's outputs were persisted (right after
+``OutputStore.persist`` returns), the statuses its polls saw, the flow's wall time, the CPU time
+of this process and of its child processes (the ephemeral Prefect server), and optionally a
+cProfile of the flow. The Prefect API server is warmed up by a trivial flow first, so the timed
+flow does not include the ephemeral server's start-up (reported separately).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PERSISTED: dict[str, float] = {}
+POLLS: dict[str, int] = {}
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's live descendants (e.g. the ephemeral API server)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        cpu[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    total = 0.0
+    for pid in cpu:
+        p = parents.get(pid)
+        while p and p != me and p in parents:
+            p = parents[p]
+        if p == me and pid != me:
+            total += cpu[pid]
+    return total
+
+
+def _instrument() -> None:
+    from prefect_eggapi.client import AsyncEggAPIClient
+    from prefect_eggapi.storage import OutputStore
+
+    persist = OutputStore.persist
+
+    def timed_persist(self: Any, chunks: Any, *, task_id: str, index: int, **kw: Any) -> Any:
+        stored = persist(self, chunks, task_id=task_id, index=index, **kw)
+        PERSISTED[task_id] = time.time()
+        return stored
+
+    get_task = AsyncEggAPIClient.get_task
+
+    async def counted_get_task(self: Any, task_id: str) -> Any:
+        task = await get_task(self, task_id)
+        POLLS[task.status.value] = POLLS.get(task.status.value, 0) + 1
+        return task
+
+    OutputStore.persist = timed_persist  # type: ignore[method-assign]
+    AsyncEggAPIClient.get_task = counted_get_task  # type: ignore[method-assign]
+
+
+VARIANTS = {
+    "shared-ssl": "the library's httpx clients share one SSL context (verify=ctx) instead of "
+    "building a new one (CA bundle load) per client",
+    "progress-1s": "Progress.update talks to the API at most once per second (and at 100 %)",
+    "scope-cache": "run_scope() computed once per flow run (no flow-run API read per submit)",
+    "pool-64": "in_thread() runs on a 64-thread pool instead of asyncio's default "
+    "min(32, nproc + 4) = 6 threads here",
+    "record-put": "_Batch.record writes the status object only (no DELETE of the two other "
+    "statuses when the start-of-run listing shows none exists)",
+}
+ALL_VARIANTS = list(VARIANTS)
+
+
+def _apply_variants(names: list[str]) -> None:
+    """Simulate proposed src/ changes in this process only (for measuring their gain)."""
+    import functools
+    import types
+
+    if "shared-ssl" in names:
+        import httpx
+
+        import prefect_eggapi.client as client_module
+
+        ctx = httpx.create_ssl_context()
+        shim = types.SimpleNamespace(**{k: getattr(httpx, k) for k in dir(httpx)})
+        shim.Client = functools.partial(httpx.Client, verify=ctx)
+        shim.AsyncClient = functools.partial(httpx.AsyncClient, verify=ctx)
+        client_module.httpx = shim  # type: ignore[attr-defined]
+    if "progress-1s" in names:
+        from prefect_eggapi.artifacts import Progress
+
+        update = Progress.update
+
+        def throttled(self: Any, percent: float, description: str | None = None) -> None:
+            now = time.monotonic()
+            if percent < 100 and now - getattr(self, "_bench_last", 0.0) < 1.0:
+                return
+            self._bench_last = now  # type: ignore[attr-defined]
+            update(self, percent, description)
+
+        Progress.update = throttled  # type: ignore[method-assign]
+    if "scope-cache" in names:
+        import prefect_eggapi.tasks as tasks_module
+        from prefect_eggapi.runtime import run_scope
+
+        scopes: dict[str, str] = {}
+
+        def cached_scope() -> str:
+            from prefect.runtime import flow_run
+
+            run_id = flow_run.id
+            if not run_id:
+                return run_scope()
+            if run_id not in scopes:
+                scopes[run_id] = run_scope()
+            return scopes[run_id]
+
+        tasks_module.run_scope = cached_scope  # type: ignore[attr-defined]
+    if "pool-64" in names:
+        import asyncio
+        import contextvars
+        from concurrent.futures import ThreadPoolExecutor
+
+        import prefect_eggapi.flows.batch as batch_module
+        import prefect_eggapi.tasks as tasks_module
+
+        pool = ThreadPoolExecutor(64, thread_name_prefix="eggapi")
+
+        async def in_thread(fn: Any) -> Any:
+            ctx = contextvars.copy_context()
+            return await asyncio.get_running_loop().run_in_executor(pool, ctx.run, fn)
+
+        tasks_module.in_thread = in_thread  # type: ignore[attr-defined]
+        batch_module.in_thread = in_thread  # type: ignore[attr-defined]
+    if "record-put" in names:
+        from prefect_eggapi.flows.batch import _Batch
+
+        def record(self: Any, result: Any) -> None:
+            self.store.client.put_object(
+                Bucket=self.store.bucket,
+                Key=self.status_key(result.id, result.status),
+                Body=result.model_dump_json().encode(),
+                ContentType="application/json",
+            )
+
+        _Batch.record = record  # type: ignore[method-assign]
+
+
+def _tasks_flow() -> Any:
+    from prefect import flow
+
+    from prefect_eggapi.models import GenerateRequest
+    from prefect_eggapi.signals import SQLiteSignals
+    from prefect_eggapi.tasks import adownload_outputs, asubmit_generation, await_for_task
+
+    @flow(name="eggapi-bench-tasks")
+    async def bench_tasks(
+        prompts: list[str],
+        concurrency: int,
+        webhook_url: str | None = None,
+        signals_path: str | None = None,
+    ) -> int:
+        semaphore = asyncio.Semaphore(concurrency)
+        signals = SQLiteSignals(signals_path) if signals_path else None
+
+        async def one(i: int, prompt: str) -> int:
+            async with semaphore:
+                request = GenerateRequest(
+                    model="nanobanana", prompt=prompt, aspect_ratio="16:9", webhook_url=webhook_url
+                )
+                label = f"item-{i:05d}"
+                task = await asubmit_generation(request, label=label)
+                done = await await_for_task(task, label=label, progress=False, signals=signals)
+                stored = await adownload_outputs(done, label=label, image_artifacts=False)
+                return len(stored)
+
+        return sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+    return bench_tasks
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    from prefect import flow
+
+    _instrument()
+    _apply_variants(spec.get("variants", []))
+
+    @flow(name="eggapi-bench-warmup")
+    async def warmup() -> int:
+        return 1
+
+    t0 = time.time()
+    asyncio.run(warmup())
+    startup = time.time() - t0
+
+    tmp = Path(tempfile.mkdtemp(prefix="eggapi-bench-flow-"))
+    prompts = [f"{spec['tag']} bench image {i}" for i in range(spec["n"])]
+    if spec["flow"] == "batch":
+        from _common import write_manifest
+
+        from prefect_eggapi.flows import batch_generate
+
+        manifest = write_manifest(tmp / "manifest.jsonl", spec["n"], spec["tag"])
+        call = batch_generate(
+            manifest=manifest,
+            concurrency=spec["concurrency"],
+            prefix=spec.get("prefix", "prefect"),
+            run_key=spec["tag"],
+        )
+    else:
+        call = _tasks_flow()(
+            prompts,
+            spec["concurrency"],
+            webhook_url=spec.get("webhook_url"),
+            signals_path=spec.get("signals_path"),
+        )
+
+    profiler = None
+    if spec.get("profile"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+    server_cpu0 = _children_cpu()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.time()
+    if profiler is not None:
+        profiler.enable()
+    result = asyncio.run(call)
+    if profiler is not None:
+        profiler.disable()
+    wall = time.time() - started
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    server_cpu = _children_cpu() - server_cpu0
+    out: dict[str, Any] = {
+        "wall": wall,
+        "started_at": started,
+        "startup": startup,
+        "cpu": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime),
+        "server_cpu": server_cpu,
+        "images": len(PERSISTED),
+        "persisted_at": PERSISTED,
+        "polls_by_status": POLLS,
+        "peak_rss_mb": cpu1.ru_maxrss / 1024,
+        "result": str(getattr(result, "persisted", result)),
+    }
+    if profiler is not None:
+        import io
+        import pstats
+
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(40)
+        path = Path(spec.get("profile_path") or tmp / "profile.txt")
+        path.write_text(text.getvalue())
+        stats.dump_stats(str(path.with_suffix(".pstats")))
+        out["profile"] = str(path)
+    return out
+
+
+# --------------------------------------------------------------------------- the parent
+
+PENDING = 0.1
+PROCESSING = 1.0
+CLIENT_RATE = "1000"  # EGGAPI_REQUESTS_PER_SECOND: the client-side limiter must not dominate
+
+
+def latencies(persisted_at: dict[str, float], completed: dict[str, float]) -> list[float]:
+    return [t - completed[k] for k, t in persisted_at.items() if k in completed]
+
+
+def measure(
+    ns: list[int],
+    *,
+    concurrency: int = 50,
+    repeats: int = 1,
+    variants: bool = True,
+    api_url: str | None = None,
+    profile_dir: Path | None = None,
+    log_dir: Path | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (N, side, repeat). Sides: baseline, prefect (as is), prefect+proposed."""
+    from _common import diff_counts, key_requests, local_stack, prefect_env, run_child
+
+    sides: list[tuple[str, str, dict[str, Any]]] = [
+        ("baseline", "baseline_script", {}),
+        ("prefect", "overhead", {"flow": "batch"}),
+    ]
+    if variants:
+        sides.append(("prefect+proposed", "overhead", {"flow": "batch", "variants": ALL_VARIANTS}))
+    rows: list[dict[str, Any]] = []
+    with local_stack(
+        pending_seconds=PENDING, processing_seconds=PROCESSING, rate_limit_per_second=None
+    ) as stack:
+        base_env = {**stack.env(), "EGGAPI_REQUESTS_PER_SECOND": CLIENT_RATE}
+        for n in ns:
+            for rep in range(repeats):
+                order = sides if rep % 2 == 0 else sides[::-1]
+                for side, module, extra in order:
+                    home = Path(tempfile.mkdtemp(prefix="eggapi-bench-home-"))
+                    env = {
+                        **base_env,
+                        **prefect_env(home, api_url),
+                        "EGGAPI_LEDGER_DIR": str(home / "ledger"),
+                    }
+                    tag = f"{side.replace('+', '-')}-n{n}-r{rep}-{time.time_ns()}"
+                    spec = {"n": n, "concurrency": concurrency, "tag": tag, "name": tag, **extra}
+                    spec["prefix"] = tag
+                    if profile_dir is not None and module == "overhead":
+                        spec["profile"] = True
+                        spec["profile_path"] = str(profile_dir / f"profile-{tag}.txt")
+                    before = key_requests(stack.emulator.audit(), stack.api_key)
+                    out = run_child(module, spec, env, log_dir=log_dir)
+                    audit = stack.emulator.audit()
+                    counts = diff_counts(key_requests(audit, stack.api_key), before)
+                    completed = {
+                        t["task_id"]: t["completed_at_unix"]
+                        for t in audit["tasks"]
+                        if t.get("completed_at_unix")
+                    }
+                    lat = latencies(out.pop("persisted_at"), completed)
+                    rows.append(
+                        {
+                            "n": n,
+                            "side": side,
+                            "repeat": rep,
+                            "server": "real" if api_url else "ephemeral",
+                            "requests": counts,
+                            "latencies": lat,
+                            **out,
+                        }
+                    )
+                    print(
+                        f"  overhead n={n} {side:<17} wall {out['wall']:6.1f}s  "
+                        f"cpu {out['cpu']:6.1f}s  images {out['images']}",
+                        flush=True,
+                    )
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, float]]]:
+    """Per N and side: median wall, CPU ms per image, ratios against the baseline."""
+    from _common import median
+
+    out: dict[int, dict[str, dict[str, float]]] = {}
+    for n in sorted({r["n"] for r in rows}):
+        by_side: dict[str, dict[str, float]] = {}
+        for side in dict.fromkeys(r["side"] for r in rows if r["n"] == n):
+            mine = [r for r in rows if r["n"] == n and r["side"] == side]
+            lat = sorted(x for r in mine for x in r["latencies"])
+            by_side[side] = {
+                "wall": median([r["wall"] for r in mine]),
+                "cpu_ms_per_image": median([1000 * r["cpu"] / max(r["images"], 1) for r in mine]),
+                "server_cpu_ms_per_image": median(
+                    [1000 * r.get("server_cpu", 0.0) / max(r["images"], 1) for r in mine]
+                ),
+                "images": min(r["images"] for r in mine),
+                "startup": median([r.get("startup", 0.0) for r in mine]),
+                "lat_p50": _pct(lat, 50),
+                "lat_p95": _pct(lat, 95),
+                "req_per_image": median(
+                    [
+                        sum(r["requests"].get(e, 0) for e in API_ENDPOINTS) / max(r["images"], 1)
+                        for r in mine
+                    ]
+                ),
+            }
+        base = by_side.get("baseline")
+        for _side, fig in by_side.items():
+            if base:
+                fig["ratio"] = fig["wall"] / base["wall"]
+                fig["cpu_ratio"] = fig["cpu_ms_per_image"] / max(base["cpu_ms_per_image"], 1e-9)
+        out[n] = by_side
+    return out
+
+
+API_ENDPOINTS = ("generate", "get_task", "list_tasks", "download")
+
+
+def _pct(values: list[float], q: float) -> float:
+    from _common import percentile
+
+    return percentile(values, q)
+
+
+def main() -> None:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, nargs="+", default=[200, 1000])
+    parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--no-variants", action="store_true")
+    parser.add_argument("--profile", type=Path, default=None, help="write cProfiles here")
+    args = parser.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    rows = measure(
+        args.n,
+        concurrency=args.concurrency,
+        repeats=args.repeats,
+        variants=not args.no_variants,
+        profile_dir=args.profile,
+    )
+    summary = summarize(rows)
+    print(f"emulator pending {PENDING}s processing {PROCESSING}s, concurrency {args.concurrency}")
+    print(f"{'N':>6} {'side':<18}{'wall s':>8}{'ratio':>7}{'CPU ms/img':>11}{'p95 s':>7}")
+    for n, sides in summary.items():
+        for side, f in sides.items():
+            print(
+                f"{n:>6} {side:<18}{f['wall']:>8.1f}{f.get('ratio', 1):>7.2f}"
+                f"{f['cpu_ms_per_image']:>11.1f}{f['lat_p95']:>7.2f}"
+            )
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        from _common import child_entry
+
+        child_entry(child)
+    else:
+        main()
