@@ -223,7 +223,7 @@ Fixed in the working tree while this suite was written (the tests now guard them
 ## What CI runs (`pytest tests/test_reliability_*.py`)
 
 - `test_reliability_chaos.py`: the same scenario with 48 items, every fault kind, the S3
-  restart, the webhook leg and the secret sweep; plus the two pinned bugs above.
+  restart, the webhook leg and the secret sweep; plus deterministic tests of the bugs above.
 - `test_reliability_crash.py`: SIGKILL of the flow process after submit (202 held back), mid-poll,
   mid-download, mid-upload and while writing `status.jsonl`, each point reached deterministically
   and detected from outside (emulator audit, ledger state, a holding proxy in front of S3), then a

@@ -243,15 +243,6 @@ def test_concurrent_ambiguous_submits_each_get_their_own_task(emulator, emulator
         assert created[outcome.task.id] == f"prompt {name}"  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: tasks.agenerate_image (used by the batch) retries a transient S3 failure of the "
-    "output upload only twice, 1 s and 5 s later (retry_delay_seconds=[1, 5] in "
-    "flows/batch.py run_item; _persist is called directly, without download_outputs' own "
-    "retries), so an S3 outage longer than ~6 s (a routine restart takes 3-13 s here) fails the "
-    "item with the retryable UploadError instead of persisting it",
-)
 def test_an_s3_outage_during_the_output_upload_does_not_fail_the_item(
     eggapi_env, local_s3, s3_bucket, monkeypatch, tmp_path
 ):

@@ -129,8 +129,10 @@ def test_moderation_failure_is_terminal_and_not_retried(eggapi_env, output_store
     assert entry is not None and entry.state is EntryState.FAILED and entry.retryable is False
 
     # A rerun of the same work does not pay again for a known moderation refusal.
-    with pytest.raises(ContentModerationError):
+    with pytest.raises(ContentModerationError) as again:
         submit_generation.fn(bad, key=entry.logical_key)
+    assert str(again.value).count("failed:") == 1, str(again.value)
+    assert "Content moderation" in str(again.value)
     assert len(billable(eggapi_env)) == 1
 
 

@@ -105,10 +105,11 @@ class Submitter:
             return _Plan("post", entry)
         if entry.state is EntryState.FAILED:
             if not entry.retryable:
+                error = entry.error or {}
                 failed = Task(
                     id=entry.task_id or "unknown",
                     status=TaskStatus.FAILED,
-                    error=(entry.error or {}).get("message"),
+                    error=error.get("task_error") or error.get("message"),
                 )
                 raise ContentModerationError(failed)
             entry.attempt += 1
@@ -339,7 +340,7 @@ def _record_outcome(
         elif isinstance(error, TaskFailedError | EmptyOutputError):
             entry.state = EntryState.FAILED
             entry.retryable = error.retryable
-            entry.error = describe(error)
+            entry.error = {**describe(error), "task_error": error.task.error}
             entry.cost = error.task.cost_amount
         elif task is not None and task.status is TaskStatus.COMPLETED:
             if entry.state is not EntryState.PERSISTED:

@@ -8,6 +8,7 @@ variant is a real ``Task`` object, so ``.submit``, ``.map`` and ``.with_options`
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from functools import partial
@@ -39,6 +40,8 @@ from prefect_eggapi.storage import OutputStore, S3Settings, StoredImage, is_tran
 from prefect_eggapi.submission import Submitter, record_outcome
 
 DEFAULT_WAIT_SECONDS = 300.0
+# Seconds between tries of one output while S3 is unreachable or answering 5xx (~1 minute).
+S3_OUTAGE_BACKOFF = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 
 # --------------------------------------------------------------------------- retry conditions
 
@@ -451,13 +454,24 @@ def _persist(
     client: EggAPIClient | None = None
     try:
         for index, url in enumerate(urls):
-            existing = target.find_existing(task.id, index)
-            if existing is not None:
-                stored.append(existing)
-                continue
-            client = client or creds.get_client()
-            with client.stream_output(url) as (chunks, _):
-                stored.append(target.persist(chunks, task_id=task.id, index=index, metadata=meta))
+            for attempt in range(len(S3_OUTAGE_BACKOFF) + 1):
+                try:
+                    existing = target.find_existing(task.id, index)
+                    if existing is not None:
+                        stored.append(existing)
+                        break
+                    client = client or creds.get_client()
+                    with client.stream_output(url) as (chunks, _):
+                        stored.append(
+                            target.persist(chunks, task_id=task.id, index=index, metadata=meta)
+                        )
+                    break
+                except Exception as exc:
+                    # An S3 restart takes seconds: ride it out here rather than fail the item.
+                    if attempt == len(S3_OUTAGE_BACKOFF) or not is_transient_s3_error(exc):
+                        raise
+                    logger.warning("S3 unavailable (%s); retrying output %d", exc, index)
+                    time.sleep(S3_OUTAGE_BACKOFF[attempt])
     finally:
         if client is not None:
             client.close()
