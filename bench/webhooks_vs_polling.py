@@ -13,18 +13,14 @@ backstop poll (15 s, growing to 60 s). Latency is from the emulator's completion
 from __future__ import annotations
 
 import argparse
-import contextlib
-import socket
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
-import uvicorn
+from _common import serve_app
 
 from prefect_eggapi.client import EggAPIClient
 from prefect_eggapi.credentials import EggAPICredentials
@@ -39,29 +35,6 @@ HOOK_KEY = "egg_sk_bench_webhook_000001"
 SECRET = "whsec_bench_secret"
 # Webhook mode keeps polling only as a backstop for lost deliveries: slowly.
 BACKSTOP = PollPolicy(initial_interval=15.0, max_interval=60.0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serve(app: Any) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def run_mode(
@@ -138,7 +111,7 @@ def main() -> None:
             ),
             signals=signals,
         )
-        with serve(receiver.app) as url:
+        with serve_app(receiver.app) as url:
             polling = run_mode(emulator, POLL_KEY, args.tasks, None, None)
             webhook = run_mode(
                 emulator, HOOK_KEY, args.tasks, url + receiver.path, signals, BACKSTOP

@@ -11,21 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from procs import gone
+
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -65,7 +55,7 @@ def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
     assert stopped, out
     pids += [int(p) for p in re.findall(r"(\d+)", stopped.group(1))]
     assert len(set(pids)) >= 3, out  # emulator, SeaweedFS, ephemeral Prefect server
-    assert all(_gone(p) for p in pids), pids
+    assert all(gone(p) for p in pids), pids
     print(f"\ndemo wall time {elapsed:.1f} s")
 
 
@@ -85,4 +75,4 @@ def test_demo_fails_with_a_clear_message_and_cleans_up(tmp_path):
     assert "demo failed: InvalidRequestError" in out and "count" in out
     assert "none left." in out
     pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
-    assert pids and all(_gone(p) for p in pids)
+    assert pids and all(gone(p) for p in pids)

@@ -7,12 +7,10 @@ not with the package's verifier. Lifecycles are driven through the admin API (ma
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import itertools
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,12 +18,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from asgi_server import free_port, serve_asgi
 from prefect_eggapi.emulator import EmulatorProcess
 from prefect_eggapi.emulator.webhooks import host_allowed
 
@@ -58,33 +56,6 @@ class Recorder:
                     return list(self.requests)
             time.sleep(0.02)
         raise AssertionError(f"expected {count} deliveries, got {len(self.requests)}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serve_asgi(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a thread on a free loopback port; yields the base URL."""
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture

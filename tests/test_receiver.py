@@ -7,14 +7,12 @@ test); the emulator is the session subprocess, driven in manual mode.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,9 +23,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from pydantic import SecretStr
 
+from asgi_server import free_port, serve_asgi
 from prefect_eggapi.client import EggAPIClient
 from prefect_eggapi.emulator import EmulatorProcess
 from prefect_eggapi.models import Task, WebhookPayload
@@ -37,32 +35,6 @@ from prefect_eggapi.signals import SQLiteSignals
 
 SECRET = "whsec_receiver_test_secret"
 OLD_SECRET = "whsec_receiver_previous_secret"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serve_asgi(app: Any) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def signed(

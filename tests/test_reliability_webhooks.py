@@ -17,7 +17,6 @@ import hashlib
 import hmac
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -26,10 +25,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from prefect import flow
 from pydantic import SecretStr
 
+from asgi_server import serve_asgi
 from prefect_eggapi.client import EggAPIClient
 from prefect_eggapi.credentials import EggAPICredentials
 from prefect_eggapi.polling import PollPolicy
@@ -139,28 +138,6 @@ def attacks(task_id: str) -> list[tuple[str, bytes | Iterator[bytes], dict[str, 
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serve(app: Any) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), 15, "uvicorn")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture
 def scene(emulator, emulator_api_key: str, tmp_path: Path):
     creds = EggAPICredentials(
@@ -175,7 +152,7 @@ def scene(emulator, emulator_api_key: str, tmp_path: Path):
         signals=SQLiteSignals(signals_path),
     )
     emulator.set_config(manual=True, webhook_secret=SECRET)
-    with serve(receiver.app) as base:
+    with serve_asgi(receiver.app) as base:
         url = base + receiver.path
         with EggAPIClient(emulator_api_key, emulator.base_url) as api:
             task = api.generate(model="nanobanana", prompt="a guarded gate", webhook_url=url)

@@ -16,22 +16,11 @@ from prefect_eggapi.client import EggAPIClient
 from prefect_eggapi.emulator import DEFAULT_API_KEY
 from prefect_eggapi.stack import LocalStack
 from prefect_eggapi.storage import OutputStore, S3Settings
+from procs import gone
 
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_local_stack_env_drives_client_and_store_then_stops_by_pid():
@@ -57,7 +46,7 @@ def test_local_stack_env_drives_client_and_store_then_stops_by_pid():
         assert env["AWS_SECRET_ACCESS_KEY"] not in repr(stack)
         pids = stack.pids
     assert not stack.running
-    assert all(_gone(p) for p in pids), pids
+    assert all(gone(p) for p in pids), pids
     assert stack.alive_pids() == []
     stack.stop()  # idempotent
 
@@ -73,7 +62,7 @@ def test_local_stack_start_failure_stops_the_other_component(monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         stack.start()
     assert stack.emulator is None and stack.s3 is None
-    assert stack.pids and all(_gone(p) for p in stack.pids)  # the emulator was stopped
+    assert stack.pids and all(gone(p) for p in stack.pids)  # the emulator was stopped
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -125,7 +114,7 @@ def test_stack_command_prints_exports_and_stops_cleanly(tmp_path, sig):
         rest, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, text + rest
         assert "Local stack stopped." in rest
-        assert all(_gone(p) for p in pids), pids
+        assert all(gone(p) for p in pids), pids
     finally:
         if proc.poll() is None:
             proc.kill()

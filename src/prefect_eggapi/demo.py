@@ -151,24 +151,6 @@ def _stop_ephemeral_prefect() -> list[int]:
     return pids
 
 
-def _alive(pids: list[int]) -> list[int]:
-    alive = []
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except (ProcessLookupError, PermissionError):
-            continue
-        # A zombie child that is not reaped yet is gone for every practical purpose.
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-        except OSError:
-            continue
-        alive.append(pid)
-    return alive
-
-
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -308,7 +290,9 @@ def run(args: argparse.Namespace) -> int:
         stack.stop()
         prefect_pids = _stop_ephemeral_prefect()
         timings["stop"] = time.monotonic() - t
-        left = _alive(pids + prefect_pids)
+        from prefect_eggapi.stack import alive_pids
+
+        left = alive_pids(pids + prefect_pids)
         names = ", ".join(
             f"{n} {p}"
             for n, p in zip(

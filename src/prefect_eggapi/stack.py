@@ -37,6 +37,24 @@ DEFAULT_BUCKET = "eggapi-local"
 DEFAULT_PREFIX = "eggapi"
 
 
+def alive_pids(pids: list[int]) -> list[int]:
+    """The PIDs that still run; an unreaped zombie counts as gone."""
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        alive.append(pid)
+    return alive
+
+
 class LocalStackError(RuntimeError):
     """The local stack could not start (a component failed; both are stopped again)."""
 
@@ -161,16 +179,7 @@ class LocalStack:
 
     def alive_pids(self) -> list[int]:
         """The started PIDs that still exist (an empty list after :meth:`stop`)."""
-        alive = []
-        for pid in self._pids:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                continue
-            except PermissionError:  # pragma: no cover - someone else's reused pid
-                continue
-            alive.append(pid)
-        return alive
+        return alive_pids(self._pids)
 
     @property
     def running(self) -> bool:
