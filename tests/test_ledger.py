@@ -40,6 +40,28 @@ def client(emulator, emulator_api_key):
         yield c
 
 
+def put_dead_owner_claim(store, logical_key: str, sent_seconds_ago: float) -> str:
+    """A claim left by a process that died mid-POST (same host, a pid that does not exist)."""
+    key = ledger_key(logical_key, REQ.fingerprint())
+    store.put(
+        LedgerEntry(
+            key=key,
+            logical_key=logical_key,
+            fingerprint=REQ.fingerprint(),
+            scope="crash",
+            state=EntryState.SUBMITTING,
+            model=REQ.model,
+            task_type=REQ.task_type,
+            prompt_sha256="x",
+            estimate=Decimal("0.01"),
+            owner=f"{socket.gethostname()}:999999999:dead",
+            lease_until=time.time() + 60,
+            sent_at=datetime.now(UTC) - timedelta(seconds=sent_seconds_ago),
+        )
+    )
+    return key
+
+
 def test_concurrent_submits_of_one_key_pay_once(store, client, emulator):
     results: list[str] = []
     errors: list[BaseException] = []
@@ -69,23 +91,7 @@ def test_concurrent_submits_of_one_key_pay_once(store, client, emulator):
 def test_dead_owner_mid_post_is_reconciled_not_resubmitted(store, client, emulator):
     # A process claimed the work, its POST reached the server, and it died before recording.
     orphan = client.generate(REQ)
-    key = ledger_key("crash/item-0", REQ.fingerprint())
-    store.put(
-        LedgerEntry(
-            key=key,
-            logical_key="crash/item-0",
-            fingerprint=REQ.fingerprint(),
-            scope="crash",
-            state=EntryState.SUBMITTING,
-            model=REQ.model,
-            task_type=REQ.task_type,
-            prompt_sha256="x",
-            estimate=Decimal("0.01"),
-            owner=f"{socket.gethostname()}:999999999:dead",
-            lease_until=time.time() + 60,
-            sent_at=datetime.now(UTC) - timedelta(seconds=1),
-        )
-    )
+    put_dead_owner_claim(store, "crash/item-0", sent_seconds_ago=1)
     outcome = Submitter(client, store, settle_seconds=0.2).submit(
         REQ, logical_key="crash/item-0", scope="crash"
     )
@@ -95,22 +101,7 @@ def test_dead_owner_mid_post_is_reconciled_not_resubmitted(store, client, emulat
 
 
 def test_dead_owner_whose_post_never_arrived_resubmits_once(store, client, emulator):
-    key = ledger_key("crash/item-1", REQ.fingerprint())
-    store.put(
-        LedgerEntry(
-            key=key,
-            logical_key="crash/item-1",
-            fingerprint=REQ.fingerprint(),
-            scope="crash",
-            state=EntryState.SUBMITTING,
-            model=REQ.model,
-            task_type=REQ.task_type,
-            prompt_sha256="x",
-            owner=f"{socket.gethostname()}:999999999:dead",
-            lease_until=time.time() + 60,
-            sent_at=datetime.now(UTC),
-        )
-    )
+    put_dead_owner_claim(store, "crash/item-1", sent_seconds_ago=0)
     outcome = Submitter(client, store, settle_seconds=0.2).submit(
         REQ, logical_key="crash/item-1", scope="crash"
     )
@@ -122,22 +113,7 @@ def test_dead_owner_whose_post_never_arrived_resubmits_once(store, client, emula
 def test_two_candidates_fail_loudly_with_evidence(store, client, emulator):
     a = client.generate(REQ)
     b = client.generate(REQ)
-    key = ledger_key("crash/item-2", REQ.fingerprint())
-    store.put(
-        LedgerEntry(
-            key=key,
-            logical_key="crash/item-2",
-            fingerprint=REQ.fingerprint(),
-            scope="crash",
-            state=EntryState.SUBMITTING,
-            model=REQ.model,
-            task_type=REQ.task_type,
-            prompt_sha256="x",
-            owner=f"{socket.gethostname()}:999999999:dead",
-            lease_until=time.time() + 60,
-            sent_at=datetime.now(UTC) - timedelta(seconds=2),
-        )
-    )
+    key = put_dead_owner_claim(store, "crash/item-2", sent_seconds_ago=2)
     with pytest.raises(ReconciliationError) as info:
         Submitter(client, store, settle_seconds=0.2).submit(
             REQ, logical_key="crash/item-2", scope="crash"
