@@ -954,3 +954,30 @@ def test_cli_webhook_options_read_the_secret_from_the_environment(monkeypatch):
     monkeypatch.delenv("HOOK_SECRET")
     with pytest.raises(ValueError, match="HOOK_SECRET"):
         build_config(parser.parse_args(["--webhook-secret-env", "HOOK_SECRET"]))
+
+
+def test_a_request_in_flight_across_a_reset_is_not_audited_after_it(emulator, emulator_api_key):
+    import threading
+
+    emulator.add_fault("timeout_after_create", delay=1.5)
+    done = threading.Event()
+
+    def slow_submit() -> None:
+        httpx.post(
+            f"{emulator.base_url}/v1/generate",
+            json={"model": "nanobanana", "prompt": "held back"},
+            headers={"Authorization": f"Bearer {emulator_api_key}"},
+            timeout=10,
+        )
+        done.set()
+
+    thread = threading.Thread(target=slow_submit)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while not emulator.created_tasks() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert emulator.created_tasks(), "the held-back submit never reached the emulator"
+    emulator.reset()
+    assert done.wait(10)  # its response went out after the reset...
+    thread.join(5)
+    assert emulator.audit()["requests"] == {}  # ...but it counts in the audit it began in

@@ -77,9 +77,17 @@ def test_run_leaves_events_artifacts_and_a_cost_table_that_matches_billing(
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
-        logs = client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
-        )
+        # Run logs reach the API in batches, shortly after the run: wait for them (bounded).
+        deadline = time.monotonic() + 30
+        while True:
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            )
+            if any("completed:" in entry.message for entry in logs):
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     by_type: dict[str, list] = {}
     for a in artifacts:
         by_type.setdefault(a.type, []).append(a)

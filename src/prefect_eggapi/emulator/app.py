@@ -95,6 +95,9 @@ class AuditMiddleware:
             await self.app(scope, receive, send)
             return
         status_holder: list[int] = [0]
+        # A request still in flight across a reset (e.g. a held-back 202) belongs to the audit it
+        # started in: counting it at response time would leak into the next test's audit.
+        epoch = self.state.epoch
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -105,7 +108,7 @@ class AuditMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             endpoint = _endpoint_of(scope["method"], scope["path"])
-            if endpoint != "admin":
+            if endpoint != "admin" and self.state.epoch == epoch:
                 who = scope.get("state", {}).get("key_id", "anonymous")
                 self.state.count_request(who, endpoint, status_holder[0] or 500)
 

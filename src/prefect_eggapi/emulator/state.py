@@ -175,6 +175,7 @@ class EmulatorState:
     def __init__(self, config: EmulatorConfig, clock: Callable[[], float] = time.time) -> None:
         self.initial_config = config.model_copy(deep=True)
         self.clock = clock
+        self.epoch = 0  # bumped by reset(); requests are audited in the epoch they began in
         self.server_base_url: str | None = None
         self.terminal_listeners: list[Callable[[Task], None]] = []
         self.faults = FaultInjector()
@@ -228,6 +229,7 @@ class EmulatorState:
         The startup config stays the one a later plain reset returns to.
         """
         self.webhooks.cancel_all()
+        self.epoch += 1
         self._apply_config((config or self.initial_config).model_copy(deep=True), fresh=True)
         self._wake()
 
