@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness"
 
 
 def _events_for(task_id: str, deadline: float = 30.0) -> dict[str, dict]:
-    """Events land asynchronously; poll the API until completed/persisted show up."""
+    """Events land asynchronously; poll the API until all three have arrived (bounded)."""
     resource_id = f"eggapi.task.{task_id}"
     found: dict[str, dict] = {}
     end = time.monotonic() + deadline
@@ -42,7 +42,9 @@ def _events_for(task_id: str, deadline: float = 30.0) -> dict[str, dict]:
                 limit=50,
             )
             found = {e.event: e.model_dump(mode="json") for e in page.events}
-            if {"eggapi.task.submitted", "eggapi.task.completed"} <= set(found):
+            if {"eggapi.task.submitted", "eggapi.task.completed", "eggapi.task.persisted"} <= set(
+                found
+            ):
                 break
             time.sleep(0.5)
     return found
