@@ -186,16 +186,9 @@ class HoldingProxy:
 
 
 def restart_s3(server: Any, timeout: float = 60.0) -> float:
-    """Stop SeaweedFS and start it again on the same ports, data dir and credentials.
-
-    ``LocalS3`` has no public restart: this uses ``stop()`` (which keeps a caller-given data
-    directory) and the private ``_start()``. Returns the seconds S3 was unavailable.
-    """
-    if getattr(server, "_owns_dir", True):
-        raise RuntimeError("restart_s3 needs a LocalS3 with a caller-given data_dir")
+    """Restart SeaweedFS on the same ports, data dir and credentials; seconds it was away."""
     started = time.monotonic()
-    server.stop()
-    server._start(timeout)
+    server.restart(timeout)
     return time.monotonic() - started
 
 

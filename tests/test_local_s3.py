@@ -160,6 +160,25 @@ def test_caller_data_dir_is_kept(tmp_path: Path) -> None:
     assert "SeaweedFS" in (data / "weed.log").read_text()
 
 
+def test_restart_keeps_endpoint_credentials_and_objects(tmp_path: Path) -> None:
+    with LocalS3(tmp_path / "s3data") as server:
+        old_pid, endpoint = server.pid, server.endpoint_url
+        server.create_bucket("kept-bucket")
+        server.client().put_object(Bucket="kept-bucket", Key="k", Body=b"v")
+        server.restart()
+        assert server.pid != old_pid and server.endpoint_url == endpoint
+        with pytest.raises(ProcessLookupError):
+            os.kill(old_pid, 0)
+        body = server.client().get_object(Bucket="kept-bucket", Key="k")["Body"].read()
+        assert body == b"v"
+
+
+def test_restart_refuses_an_owned_data_dir(local_s3: LocalS3) -> None:
+    with pytest.raises(RuntimeError, match="caller-given data_dir"):
+        local_s3.restart()
+    assert local_s3.running
+
+
 def test_missing_binary_error_names_the_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -28,7 +28,7 @@ from pydantic import SecretStr
 from asgi_server import free_port, serve_asgi
 from prefect_eggapi.client import EggAPIClient
 from prefect_eggapi.emulator import EmulatorProcess
-from prefect_eggapi.models import Task, WebhookPayload
+from prefect_eggapi.models import Task, TaskStatus, WebhookPayload
 from prefect_eggapi.polling import PollPolicy
 from prefect_eggapi.receiver import EggAPIReconciler, WebhookReceiver
 from prefect_eggapi.signals import SQLiteSignals
@@ -87,6 +87,14 @@ class FakeProcessor:
             assert self.done.acquire(timeout=10), "processor not called"
 
 
+def wait_stat(rec: WebhookReceiver, key: str, count: int = 1) -> None:
+    """Processing runs after the answer: wait (bounded) until it has counted ``key``."""
+    deadline = time.monotonic() + 10
+    while rec.stats[key] < count:
+        assert time.monotonic() < deadline, (key, dict(rec.stats))
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def fake() -> FakeProcessor:
     return FakeProcessor()
@@ -116,7 +124,11 @@ def test_valid_delivery_is_accepted_fast_and_processed_after_the_answer(
     fake.block.set()
     fake.wait_calls(1)
     assert fake.calls[0].task_id == "gen_aaaaaaaaaaaa"
+    wait_stat(rec, "processed")
     assert rec.signals is not None and rec.signals.is_signalled("gen_aaaaaaaaaaaa")
+    # the waits get the task as re-read, not the payload: no second GET
+    confirmed = rec.signals.confirmed("gen_aaaaaaaaaaaa")
+    assert confirmed is not None and confirmed.status is TaskStatus.COMPLETED
     assert rec.stats["accepted"] == 1
 
 
@@ -157,6 +169,7 @@ def test_dedupe_survives_a_receiver_restart(fake: FakeProcessor, tmp_path: Path)
     with serve_asgi(first.app) as url:
         body, headers = signed(payload(), ts=int(time.time()) - 1)
         assert httpx.post(url + first.path, content=body, headers=headers).status_code == 202
+        wait_stat(first, "processed")
     with serve_asgi(second.app) as url:
         body, headers = signed(payload())
         response = httpx.post(url + second.path, content=body, headers=headers)
@@ -173,9 +186,7 @@ def test_unconfirmed_delivery_can_be_redelivered(
     body, headers = signed(payload(), ts=int(time.time()) - 2)
     assert httpx.post(url, content=body, headers=headers).status_code == 202
     fake.wait_calls(1)
-    deadline = time.monotonic() + 5
-    while rec.stats["not_confirmed"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_stat(rec, "not_confirmed")
     assert rec.signals is not None and not rec.signals.is_signalled("gen_aaaaaaaaaaaa")
     fake.confirm = True
     body, headers = signed(payload())
@@ -331,13 +342,6 @@ def live_receiver(
         yield rec, url + rec.path
 
 
-def wait_stat(rec: WebhookReceiver, key: str, count: int = 1, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while rec.stats[key] < count:
-        assert time.monotonic() < deadline, dict(rec.stats)
-        time.sleep(0.01)
-
-
 SLOW_POLL = PollPolicy(initial_interval=30, max_interval=30, min_interval=30, jitter=0)
 
 
@@ -364,8 +368,9 @@ def test_webhook_wakes_the_wait_long_before_the_next_poll(
     assert result and result[0].status.value == "completed"
     assert elapsed < 10, elapsed  # the first poll would only happen after 30 s
     wait_stat(rec, "processed")
-    # the receiver re-read the task itself: the waiter's GET plus the receiver's GET
-    assert emulator.request_count(emulator_api_key, "get_task") == 2
+    # the receiver re-read the task and handed it to the wait: one GET in all, not two
+    assert emulator.request_count(emulator_api_key, "get_task") == 1
+    assert result[0].output is not None and result[0].output.urls
 
 
 def test_lost_webhook_still_completes_through_polling(

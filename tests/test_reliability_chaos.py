@@ -20,8 +20,9 @@ import threading
 import pytest
 
 from prefect_eggapi.client import EggAPIClient
+from prefect_eggapi.errors import ReconciliationError
 from prefect_eggapi.flows import batch_generate
-from prefect_eggapi.ledger import SQLiteLedger
+from prefect_eggapi.ledger import EntryState, SQLiteLedger
 from prefect_eggapi.local_s3 import LocalS3
 from prefect_eggapi.models import GenerateRequest
 from prefect_eggapi.submission import Submitter
@@ -68,9 +69,6 @@ def chaos(prefect_harness, emulator_process, emulator_api_key, tmp_path_factory)
     return result
 
 
-KNOWN_AMBIGUOUS = "ReconciliationError"
-
-
 @pytest.mark.timeout(600)
 def test_chaos_run_loses_nothing_pays_once_and_leaks_nothing(chaos):
     inv = chaos.invariants
@@ -81,9 +79,8 @@ def test_chaos_run_loses_nothing_pays_once_and_leaks_nothing(chaos):
     assert inv.broken_reported == 5
     assert inv.persisted + inv.failed == ITEMS
     assert inv.lost == 0, inv.problems
-    # moderated prompts fail terminally, once each; the only other failures are the loud
-    # "could not reconcile" ones (see the xfail below)
-    assert set(inv.failed_reasons) <= {"ContentModerationError", KNOWN_AMBIGUOUS}, figures
+    # moderated prompts fail terminally, once each; nothing else fails (lost 202s included)
+    assert set(inv.failed_reasons) == {"ContentModerationError"}, figures
     assert inv.failed_reasons["ContentModerationError"] == max(2, ITEMS // 25)
     # money: no prompt was paid twice; every extra task follows a terminal remote failure
     assert inv.duplicates == 0, inv.problems
@@ -114,17 +111,9 @@ def test_chaos_run_loses_nothing_pays_once_and_leaks_nothing(chaos):
     assert chaos.prefect_retries >= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: submission.Submitter._reconcile cannot attribute the tasks of concurrent "
-    "ambiguous submits (a burst of 502s / dropped 202s in a concurrent batch): the task list "
-    "shows no prompt, so every such item fails with ReconciliationError while its task is "
-    "billed and never collected (see test_concurrent_ambiguous_submits_each_get_their_own_task)",
-)
 @pytest.mark.timeout(600)
 def test_chaos_every_item_gets_its_own_task_and_no_paid_task_is_orphaned(chaos):
     inv = chaos.invariants
-    assert inv.failed_reasons.get(KNOWN_AMBIGUOUS, 0) == 0, dict(inv.failed_reasons)
     assert inv.wrong_task == 0 and inv.shared_tasks == 0
     assert inv.orphaned_paid == 0
     assert inv.duplicates == 0
@@ -206,25 +195,19 @@ def test_a_short_s3_outage_while_recording_an_item_does_not_crash_the_batch(
         proxy.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: two submits of the same model whose 202s are both lost (502 after create) "
-    "overlap in time; Submitter._reconcile sees two unclaimed candidates (the list shows no "
-    "prompt) and each sibling is unresolved, so both fail with ReconciliationError although "
-    "both tasks were created and are billed; nothing collects them for their items",
-)
-def test_concurrent_ambiguous_submits_each_get_their_own_task(emulator, emulator_api_key, tmp_path):
+def _two_overlapping_lost_answers(
+    emulator, api_key: str, ledger: SQLiteLedger, lane_width: int
+) -> tuple[dict[str, str], dict[str, object]]:
+    """Submit prompts a and b at once; both tasks are created and both 202s are lost (502)."""
     emulator.add_fault("error_after_create", status=502, delay=1.0, times=2)
-    ledger = SQLiteLedger(tmp_path / "ledger.sqlite3")
     out: dict[str, object] = {}
     barrier = threading.Barrier(2)
 
     def submit(name: str) -> None:
-        with EggAPIClient(emulator_api_key, emulator.base_url) as client:
+        with EggAPIClient(api_key, emulator.base_url) as client:
             barrier.wait(10)
             try:
-                out[name] = Submitter(client, ledger).submit(
+                out[name] = Submitter(client, ledger, lane_width=lane_width).submit(
                     GenerateRequest(model="nanobanana", prompt=f"prompt {name}"), logical_key=name
                 )
             except Exception as exc:
@@ -237,10 +220,31 @@ def test_concurrent_ambiguous_submits_each_get_their_own_task(emulator, emulator
         t.join(60)
     created = {t["task_id"]: t["prompt"] for t in emulator.created_tasks()}
     assert sorted(created.values()) == ["prompt a", "prompt b"]  # both were created (billed)
+    return created, out
+
+
+def test_concurrent_ambiguous_submits_each_get_their_own_task(emulator, emulator_api_key, tmp_path):
+    ledger = SQLiteLedger(tmp_path / "ledger.sqlite3")
+    created, out = _two_overlapping_lost_answers(emulator, emulator_api_key, ledger, 1)
     for name in ("a", "b"):
         outcome = out[name]
         assert not isinstance(outcome, Exception), f"{name}: {outcome!r}"
         assert created[outcome.task.id] == f"prompt {name}"  # type: ignore[attr-defined]
+        assert outcome.adopted  # type: ignore[attr-defined]
+
+
+def test_wider_lanes_fail_overlapping_lost_answers_loudly_never_wrongly(
+    emulator, emulator_api_key, tmp_path
+):
+    ledger = SQLiteLedger(tmp_path / "ledger.sqlite3")
+    created, out = _two_overlapping_lost_answers(emulator, emulator_api_key, ledger, 2)
+    assert len(emulator.created_tasks()) == 2  # nobody resubmitted: no second payment
+    for name in ("a", "b"):
+        outcome = out[name]
+        assert isinstance(outcome, ReconciliationError), f"{name}: {outcome!r}"
+        assert all(task_id in outcome.evidence for task_id in created)  # names the candidates
+        [entry] = [e for e in ledger.entries() if e.logical_key == name]
+        assert entry.state is EntryState.AMBIGUOUS
 
 
 def test_an_s3_outage_during_the_output_upload_does_not_fail_the_item(

@@ -295,6 +295,12 @@ class _BaseClient:
             "Accept": "application/json",
         }
 
+    @property
+    def account(self) -> str:
+        """Who gets billed: the base URL plus a hash of the key (never the key itself)."""
+        digest = hashlib.sha256(self._api_key.get_secret_value().encode()).hexdigest()[:16]
+        return f"{self.base_url}#{digest}"
+
     def __repr__(self) -> str:
         key = _mask(self._api_key.get_secret_value())
         return f"{type(self).__name__}(base_url={self.base_url!r}, api_key={key!r})"
@@ -377,10 +383,12 @@ class _BaseClient:
 
 
 class TaskSignals(Protocol):
-    """Something that can wake a wait early, e.g. verified webhooks (see ``webhooks``).
+    """Something that can wake a wait early, e.g. verified webhooks (see ``signals``).
 
-    A signal is only a hint to poll now: the task is always re-read with ``GET /v1/tasks/{id}``.
-    Polling continues on its (slower) schedule, so a lost signal still completes the wait.
+    The payload of a delivery is never trusted: either whoever recorded the signal re-read the
+    task from the API (:meth:`confirmed` returns it) or the wait reads it with
+    ``GET /v1/tasks/{id}``. Polling continues on its (slower) schedule, so a lost signal still
+    completes the wait.
     """
 
     def wait(self, task_id: str, timeout: float) -> bool:
@@ -389,6 +397,10 @@ class TaskSignals(Protocol):
 
     async def await_signal(self, task_id: str, timeout: float) -> bool:
         """Async twin of :meth:`wait`."""
+        ...
+
+    def confirmed(self, task_id: str) -> Task | None:
+        """The terminal task as re-read from the API by the signal's writer, if any."""
         ...
 
 
@@ -431,6 +443,16 @@ class _Wait:
                 self.task_id, last_status=status and status.value, waited_seconds=elapsed
             )
         return min(delay, self.timeout - elapsed)
+
+    def signalled(self) -> bool:
+        """After a signal: True when its writer's re-read task ends the wait without a GET."""
+        assert self.signals is not None
+        task = self.signals.confirmed(self.task_id)
+        self.signals = None
+        if task is None:
+            return False
+        self.last = task
+        return True
 
     def failed_poll(self, exc: EggAPIError) -> None:
         """Transient errors keep the wait going until the deadline; others end it."""
@@ -574,8 +596,10 @@ class EggAPIClient(_BaseClient):
             delay = wait.next_sleep()
             if wait.signals is None or wait.last is None:
                 time.sleep(delay)
-            elif wait.signals.wait(wait.task_id, delay):
-                wait.signals = None
+            elif wait.signals.wait(wait.task_id, delay) and wait.signalled():
+                if on_poll is not None:
+                    on_poll(wait.last)
+                continue
             try:
                 wait.last = self.get_task(wait.task_id)
             except EggAPIError as exc:
@@ -741,8 +765,10 @@ class AsyncEggAPIClient(_BaseClient):
             delay = wait.next_sleep()
             if wait.signals is None or wait.last is None:
                 await asyncio.sleep(delay)
-            elif await wait.signals.await_signal(wait.task_id, delay):
-                wait.signals = None
+            elif await wait.signals.await_signal(wait.task_id, delay) and wait.signalled():
+                if on_poll is not None:
+                    on_poll(wait.last)
+                continue
             try:
                 wait.last = await self.get_task(wait.task_id)
             except EggAPIError as exc:

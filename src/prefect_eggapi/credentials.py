@@ -105,6 +105,16 @@ class EggAPICredentials(Block):
             "request slots from (see ensure_global_rate_limit)."
         ),
     )
+    submits_in_flight: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "POSTs of one model and type in flight at once in a process. 1 keeps every lost "
+            "202 attributable; more submits faster, but lost answers that overlap then fail "
+            "with ReconciliationError (never a duplicate or a wrong image)."
+        ),
+    )
     webhook_secrets: list[SecretStr] = Field(
         default_factory=list,
         description="Webhook signing secrets; two are accepted while a secret is rotated.",

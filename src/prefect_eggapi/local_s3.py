@@ -423,6 +423,17 @@ class LocalS3:
         if self._owns_dir:
             shutil.rmtree(self._data_dir, ignore_errors=True)
 
+    def restart(self, timeout: float = 60.0) -> None:
+        """Stop and start again on the same ports and credentials, keeping the data.
+
+        Only for a caller-given ``data_dir`` (an owned one is deleted on stop). For outage drills.
+        """
+        if self._owns_dir:
+            raise RuntimeError("restart needs a LocalS3 with a caller-given data_dir")
+        self.stop()
+        self._start(timeout)
+        atexit.register(self.stop)
+
     def __enter__(self) -> LocalS3:
         return self
 

@@ -317,15 +317,13 @@ class WebhookReceiver:
             self._seen[key] = None
             if len(self._seen) > _MAX_REMEMBERED:
                 self._seen.popitem(last=False)
-        # The signal wakes waits at once (they re-read the task themselves); an existing row
-        # means an earlier run of this receiver already took this delivery.
-        return self.signals is None or self.signals.signal(task_id, status, event=f"task.{status}")
+        # A recorded signal means an earlier run of this receiver already took this delivery.
+        recorded = self.signals.get(task_id) if self.signals is not None else []
+        return all(signal.status != status for signal in recorded)
 
     def _forget(self, task_id: str, status: str) -> None:
         with self._lock:
             self._seen.pop((task_id, status), None)
-        if self.signals is not None:
-            self.signals.forget(task_id, status)
 
     def process(self, payload: WebhookPayload, received_at: float) -> None:
         """Re-read and announce one new delivery (runs in a worker thread, after the answer)."""
@@ -346,6 +344,11 @@ class WebhookReceiver:
                 "webhook said %s is %s but the API does not confirm it", payload.task_id, status
             )
             return
+        if self.signals is not None:
+            # Wakes the waits with the task just read, so they need no GET of their own.
+            self.signals.signal(
+                task.id, task.status.value, event=payload.event, received_at=received_at, task=task
+            )
         self._count("processed")
         log.info(
             "task %s is %s (webhook %s, %.3fs after receipt)",

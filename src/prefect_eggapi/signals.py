@@ -1,10 +1,11 @@
 """Wake-up signals for waits, shared across processes on one machine through SQLite.
 
-The webhook receiver (one process) records ``(task_id, status, received_at)`` when a verified
-delivery arrives; flows in other processes wait on it through ``wait_for_task(...,
-signals=SQLiteSignals(path))``. A signal is only a hint to poll *now*: the wait re-reads the task
-with ``GET /v1/tasks/{id}`` and keeps polling on its slow schedule, so a lost webhook still
-completes. Nothing here talks to EggAPI.
+The webhook receiver (one process) records ``(task_id, status, received_at, task)`` once it has
+verified a delivery and re-read the task from the API; flows in other processes wait on it
+through ``wait_for_task(..., signals=SQLiteSignals(path))``. The wait takes the receiver's re-read
+task instead of reading it a second time (a signal without one is a hint to poll *now*), and
+keeps polling on its slow schedule, so a lost webhook still completes. Nothing here talks to
+EggAPI.
 
 Waking is cheap: one watcher thread per database file and process reads the rows added since
 its last look (``rowid > last``) every ``poll_interval`` seconds (50 ms by default), only while
@@ -28,6 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefect_eggapi.models import Task
+
 __all__ = ["SIGNALS_PATH_ENV", "SQLiteSignals", "Signal", "default_signals_path"]
 
 SIGNALS_PATH_ENV = "EGGAPI_WEBHOOK_SIGNALS"
@@ -37,6 +40,7 @@ CREATE TABLE IF NOT EXISTS signals (
     status TEXT NOT NULL,
     event TEXT,
     received_at REAL NOT NULL,
+    task TEXT,
     PRIMARY KEY (task_id, status)
 )
 """
@@ -57,6 +61,7 @@ class Signal:
     status: str
     received_at: float
     event: str | None = None
+    task: Task | None = None  # as re-read from the API by the receiver
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -170,6 +175,9 @@ class SQLiteSignals:
         with self._db() as conn:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(signals)")}
+            if "task" not in columns:  # a file written by an older version
+                conn.execute("ALTER TABLE signals ADD COLUMN task TEXT")
         self._watcher = _watcher(str(resolved.resolve()), poll_interval)
 
     def __repr__(self) -> str:
@@ -191,13 +199,25 @@ class SQLiteSignals:
         *,
         event: str | None = None,
         received_at: float | None = None,
+        task: Task | None = None,
     ) -> bool:
-        """Record a signal and wake local waiters; False if ``(task_id, status)`` was known."""
+        """Record a signal and wake local waiters; False if ``(task_id, status)`` was known.
+
+        ``task`` is the task as just re-read from the API: waits use it instead of a GET.
+        """
+        if task is not None and (task.id != task_id or task.status.value != status):
+            raise ValueError(f"task {task.id} ({task.status.value}) is not {task_id} ({status})")
         with self._db() as conn:
             cursor = conn.execute(
-                "INSERT OR IGNORE INTO signals (task_id, status, event, received_at) "
-                "VALUES (?, ?, ?, ?)",
-                (task_id, status, event, time.time() if received_at is None else received_at),
+                "INSERT OR IGNORE INTO signals (task_id, status, event, received_at, task) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (
+                    task_id,
+                    status,
+                    event,
+                    time.time() if received_at is None else received_at,
+                    task.model_dump_json() if task is not None else None,
+                ),
             )
             new = cursor.rowcount == 1
         if new:
@@ -227,11 +247,27 @@ class SQLiteSignals:
     def get(self, task_id: str) -> list[Signal]:
         with self._db() as conn:
             rows = conn.execute(
-                "SELECT task_id, status, received_at, event FROM signals "
+                "SELECT task_id, status, received_at, event, task FROM signals "
                 "WHERE task_id = ? ORDER BY rowid",
                 (task_id,),
             ).fetchall()
-        return [Signal(str(r[0]), str(r[1]), float(r[2]), r[3]) for r in rows]
+        return [
+            Signal(
+                str(r[0]),
+                str(r[1]),
+                float(r[2]),
+                r[3],
+                Task.model_validate_json(r[4]) if r[4] else None,
+            )
+            for r in rows
+        ]
+
+    def confirmed(self, task_id: str) -> Task | None:
+        """The terminal task as the receiver re-read it, if it recorded one."""
+        for signal in self.get(task_id):
+            if signal.task is not None and signal.task.is_terminal:
+                return signal.task
+        return None
 
     def is_signalled(self, task_id: str) -> bool:
         with self._db() as conn:

@@ -11,11 +11,18 @@ submitting         another live owner is posting: wait for it; owner dead/lease 
 ambiguous          reconcile again (the list may have caught up)
 =================  ===========================================================================
 
+The task list shows no prompt, so a lost 202 can only be matched by model, type and time. Two
+POSTs of one model whose answers are lost together could not be told apart, so each *lane*
+(account, model, type) lets one POST at a time be in flight with an unknown outcome, from the
+claim until the ledger knows the answer (``lane_width`` > 1 trades that for submit throughput:
+such overlaps then fail loudly, never with a wrong image or a second payment).
+
 No Prefect imports: the Prefect tasks add names, logs, events and retries around this.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -63,6 +70,19 @@ class _Plan:
     entry: LedgerEntry
 
 
+_LANES: dict[tuple[str, str, str, int], threading.BoundedSemaphore] = {}
+_LANES_LOCK = threading.Lock()
+
+
+def submit_lane(account: str, model: str, task_type: str, width: int = 1) -> threading.Semaphore:
+    """The process-wide gate for POSTs that a lost answer could confuse with each other."""
+    ident = (account, model, task_type, width)
+    with _LANES_LOCK:
+        if ident not in _LANES:
+            _LANES[ident] = threading.BoundedSemaphore(width)
+        return _LANES[ident]
+
+
 def _sha(text: str) -> str:
     import hashlib
 
@@ -81,7 +101,10 @@ class Submitter:
         settle_seconds: float = 2.0,
         owner_wait_poll: float = 0.25,
         sibling_wait_seconds: float = 10.0,
+        lane_width: int = 1,
     ) -> None:
+        if lane_width < 1:
+            raise ValueError("lane_width must be at least 1")
         self.client = client
         self.ledger = ledger
         timeout = client.timeout
@@ -92,6 +115,7 @@ class Submitter:
         self.settle_seconds = settle_seconds
         self.owner_wait_poll = owner_wait_poll
         self.sibling_wait_seconds = sibling_wait_seconds
+        self.lane_width = lane_width
         self.owner = owner_id()
 
     # ------------------------------------------------------------------ decisions
@@ -185,6 +209,7 @@ class Submitter:
             estimate=estimate_cost(request),
         )
         wait_until = time.monotonic() + self.lease_seconds + 5
+        lane = submit_lane(self.client.account, request.model, request.task_type, self.lane_width)
 
         def decide() -> _Plan:
             with self.ledger.transaction():
@@ -195,25 +220,34 @@ class Submitter:
                 return plan
 
         while True:
-            plan = with_conflict_retry(decide)
-            if plan.action != "wait" or time.monotonic() > wait_until:
+            # Claim inside the lane, so the lease and the reconciliation window start when the
+            # POST really can, not while queueing behind other submits.
+            with lane:
+                plan = with_conflict_retry(decide)
+                if plan.action == "post":
+                    return self._post(request, plan.entry, resubmit=True)
+                if plan.action == "reconcile" or (
+                    plan.action == "wait" and time.monotonic() > wait_until
+                ):
+                    return self._reconcile_entry(request, plan.entry)
+            if plan.action == "reconnect":
                 break
-            time.sleep(self.owner_wait_poll)
+            time.sleep(self.owner_wait_poll)  # another live owner is posting this key
 
         entry = plan.entry
-        if plan.action == "reconnect":
-            assert entry.task_id is not None
-            return SubmitOutcome(self.client.get_task(entry.task_id), entry, reconnected=True)
-        if plan.action in ("reconcile", "wait"):
-            window_end = (
-                datetime.fromtimestamp(entry.lease_until, UTC)
-                if entry.lease_until
-                else datetime.now(UTC)
-            )
-            return self._reconcile(
-                request, entry, entry.sent_at or window_end, window_end, resubmit=True
-            )
-        return self._post(request, entry, resubmit=True)
+        assert entry.task_id is not None
+        return SubmitOutcome(self.client.get_task(entry.task_id), entry, reconnected=True)
+
+    def _reconcile_entry(self, request: GenerateRequest, entry: LedgerEntry) -> SubmitOutcome:
+        """Settle an entry whose POST was left unresolved (crash, expired lease, ambiguity)."""
+        window_end = (
+            datetime.fromtimestamp(entry.lease_until, UTC)
+            if entry.lease_until
+            else datetime.now(UTC)
+        )
+        return self._reconcile(
+            request, entry, entry.sent_at or window_end, window_end, resubmit=True
+        )
 
     def _post(
         self, request: GenerateRequest, entry: LedgerEntry, *, resubmit: bool

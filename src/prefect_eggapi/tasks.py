@@ -181,7 +181,10 @@ def _submit(
     logical_key = key or f"{scope}/{label or ''}"
     creds = credentials or EggAPICredentials()
     with creds.get_client() as client:
-        outcome = Submitter(client, ledger or default_ledger()).submit(
+        submitter = Submitter(
+            client, ledger or default_ledger(), lane_width=creds.submits_in_flight
+        )
+        outcome = submitter.submit(
             req,
             logical_key=logical_key,
             scope=budget_scope or scope,
