@@ -495,6 +495,18 @@ def test_from_settings_against_local_server(local_s3: LocalS3, s3_bucket: str) -
     assert env_store.persist([png_bytes()], task_id="task-s", index=0).created
 
 
+def test_from_settings_builds_one_store_per_settings() -> None:
+    settings = S3Settings(bucket="cache-bucket", endpoint_url="http://127.0.0.1:9")
+    store = OutputStore.from_settings(settings)
+    assert OutputStore.from_settings(settings.model_copy()) is store  # equal settings: reused
+    other = OutputStore.from_settings(settings.model_copy(update={"prefix": "other"}))
+    assert other is not store and other.client is not store.client
+    rotated = S3Settings(
+        bucket="cache-bucket", endpoint_url="http://127.0.0.1:9", aws_secret_access_key="new"
+    )
+    assert OutputStore.from_settings(rotated) is not store  # new credentials: a new client
+
+
 # -- prefect-aws ------------------------------------------------------------------------------
 
 
