@@ -1412,3 +1412,27 @@ def test_failed_download_to_path_leaves_no_file(
     with EggAPIClient(KEY, API, rate_limit=None) as client, pytest.raises(DownloadError):
         client.download(OUT_URL, dest)
     assert not dest.exists()
+
+
+# --------------------------------------------------------------------------- task age for polling
+
+
+def _aged(seconds: float, *, whole: bool) -> Task:
+    created = datetime.now(UTC) - timedelta(seconds=seconds)
+    if whole:  # the emulator (and G3 examples) stamp whole seconds
+        created = created.replace(microsecond=0)
+    return Task(id="gen_age000000001", status=TaskStatus.PENDING, created_at=created)
+
+
+def test_a_just_created_task_is_aged_by_our_clock_not_its_truncated_timestamp() -> None:
+    with EggAPIClient("egg_sk_age_test_000001", "http://127.0.0.1:9") as api:
+        # created 0.1 s ago, stamped up to a second earlier: the wait ages it from its own start
+        wait = client_mod._Wait(api, _aged(0.1, whole=True), 60, None, None)
+        age = wait._age()
+        assert age is not None and age < 0.05
+        old = client_mod._Wait(api, _aged(100, whole=False), 60, None, None)
+        assert old._age() == pytest.approx(100, abs=0.5)
+        api.clock_offset = -30.0  # the server's clock runs 30 s behind ours
+        assert api.durations.clock_offset == -30.0  # shared with every client of the key
+        behind = client_mod._Wait(api, _aged(100, whole=False), 60, None, None)
+        assert behind._age() == pytest.approx(70, abs=0.5)

@@ -83,6 +83,46 @@ def test_schedule_uses_learned_durations_after_observing_completed_tasks() -> No
     assert [sched.next_delay(TaskStatus.PROCESSING) for _ in range(4)] == [2, 4, 5, 5]
 
 
+def test_schedule_aims_just_after_the_expected_completion_when_the_age_is_known() -> None:
+    stats = DurationStats()
+    stats.observe(finished(queue=2.0, processing=10.0))
+    assert stats.total == 12.0
+    policy = PollPolicy(initial_interval=1, max_interval=5, multiplier=2, jitter=0)
+    sched = PollSchedule(policy, stats)
+    # created 3 s ago: one poll at 12 * 1.05 + 0.1 = 12.7 s of age, whatever the phase
+    assert sched.next_delay(TaskStatus.PENDING, age=3.0) == pytest.approx(9.7)
+    assert sched.next_delay(TaskStatus.PROCESSING, age=8.0) == pytest.approx(4.7)
+    # running late: a short interval (10 % of the expected total, at most the initial one),
+    # growing geometrically up to the cap
+    late = [sched.next_delay(TaskStatus.PROCESSING, age=13.0 + i) for i in range(4)]
+    assert late == [1, 2, 4, 5]
+
+
+def test_aimed_delay_never_exceeds_one_expected_lifetime() -> None:
+    stats = DurationStats()
+    stats.observe(finished(queue=0.5, processing=3.0))
+    sched = PollSchedule(PollPolicy(jitter=0), stats)
+    # a server clock far behind ours would make the task look younger than zero
+    assert sched.next_delay(TaskStatus.PENDING, age=0.0) == pytest.approx(3.5 * 1.05 + 0.1)
+
+
+def test_short_expected_totals_poll_late_tasks_more_often() -> None:
+    stats = DurationStats()
+    stats.observe(finished(queue=0.2, processing=2.8))
+    sched = PollSchedule(PollPolicy(jitter=0, multiplier=1.5), stats)
+    assert sched.next_delay(TaskStatus.PROCESSING, age=4.0) == pytest.approx(0.3)
+    assert sched.next_delay(TaskStatus.PROCESSING, age=4.3) == pytest.approx(0.45)
+
+
+def test_age_is_ignored_without_learning_or_history() -> None:
+    stats = DurationStats()
+    stats.observe(finished(queue=2.0, processing=10.0))
+    policy = PollPolicy(initial_interval=1, max_interval=5, jitter=0, learn=False)
+    assert PollSchedule(policy, stats).next_delay(TaskStatus.PENDING, age=3.0) == 1
+    fresh = PollSchedule(PollPolicy(initial_interval=1, jitter=0), DurationStats())
+    assert fresh.next_delay(TaskStatus.PENDING, age=3.0) == 1
+
+
 def test_schedule_without_learning_ignores_stats_of_other_clients() -> None:
     learned, fresh = DurationStats(), DurationStats()
     learned.observe(finished(queue=30, processing=60))

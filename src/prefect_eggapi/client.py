@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
@@ -32,6 +32,7 @@ import httpx
 from pydantic import BaseModel, SecretStr
 
 from prefect_eggapi import __version__
+from prefect_eggapi.board import PollBoard, board_for
 from prefect_eggapi.errors import (
     AmbiguousSubmitError,
     APIConnectionError,
@@ -62,6 +63,8 @@ from prefect_eggapi.polling import DurationStats, PollPolicy, PollSchedule
 from prefect_eggapi.ratelimit import Limiter, RateLimiter
 
 DEFAULT_BASE_URL = "https://api.eggapi.ai"
+# A task created less than this before its wait began is aged by our clock (see _Wait._age).
+FRESH_TASK_SECONDS = 2.0
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=30.0)
 DEFAULT_WAIT_TIMEOUT = 300.0
 DOWNLOAD_CHUNK = 64 * 1024
@@ -287,13 +290,39 @@ class _BaseClient:
             RateLimiter(rate_limit) if isinstance(rate_limit, int | float) else rate_limit
         )
         self.durations = DurationStats()
-        # Server clock minus ours, learned from 202s; narrows the reconciliation window.
-        self.clock_offset: float | None = None
+        self._custom_transport = False  # set by subclasses; a board could not reach a mock
         self._headers = {
             "Authorization": f"Bearer {self._api_key.get_secret_value()}",
             "User-Agent": user_agent or f"prefect-eggapi/{__version__}",
             "Accept": "application/json",
         }
+
+    @property
+    def clock_offset(self) -> float | None:
+        """Server clock minus ours, learned from 202s (shared with ``durations``); narrows the
+        reconciliation window and dates a task's age for the poll schedule."""
+        return self.durations.clock_offset
+
+    @clock_offset.setter
+    def clock_offset(self, value: float | None) -> None:
+        self.durations.clock_offset = value
+
+    def _poll_board(self) -> PollBoard | None:
+        """The account's shared board; None when this client talks to a custom transport."""
+        if self._custom_transport:
+            return None
+
+        def connect() -> EggAPIClient:
+            return EggAPIClient(
+                self._api_key,
+                self.base_url,
+                timeout=self.timeout,
+                retry=self.retry,
+                rate_limit=self.limiter,
+                user_agent=self._headers["User-Agent"],
+            )
+
+        return board_for(self.account, lambda: PollBoard(connect))
 
     @property
     def account(self) -> str:
@@ -386,7 +415,8 @@ class TaskSignals(Protocol):
     """Something that can wake a wait early, e.g. verified webhooks (see ``signals``).
 
     The payload of a delivery is never trusted: either whoever recorded the signal re-read the
-    task from the API (:meth:`confirmed` returns it) or the wait reads it with
+    task from the API (an optional ``confirmed(task_id) -> Task | None`` method returns it, as
+    :class:`~prefect_eggapi.signals.SQLiteSignals` does) or the wait reads it with
     ``GET /v1/tasks/{id}``. Polling continues on its (slower) schedule, so a lost signal still
     completes the wait.
     """
@@ -397,10 +427,6 @@ class TaskSignals(Protocol):
 
     async def await_signal(self, task_id: str, timeout: float) -> bool:
         """Async twin of :meth:`wait`."""
-        ...
-
-    def confirmed(self, task_id: str) -> Task | None:
-        """The terminal task as re-read from the API by the signal's writer, if any."""
         ...
 
 
@@ -423,11 +449,41 @@ class _Wait:
         self.started = time.monotonic()
         # With signals, polling is only the backstop for lost deliveries: slow by default.
         slow = signals is not None and not client._custom_poll
-        default = PollPolicy.backstop() if slow else client.poll
-        self.schedule = PollSchedule(poll or default, client.durations)
+        policy = poll or (PollPolicy.backstop() if slow else client.poll)
+        self.schedule = PollSchedule(policy, client.durations)
+        self.durations = client.durations
         # A signal wakes the wait once; after that (say the re-read was not terminal yet) the
         # schedule decides, so a recorded signal cannot turn the loop into a busy poll.
         self.signals = signals
+        self.board = client._poll_board() if signals is None and policy.batch else None
+        self._fresh: bool | None = None  # created just before this wait started (see _age)
+
+    def __enter__(self) -> _Wait:
+        if self.board is not None:
+            self.board.register(self.task_id, self.last.created_at if self.last else None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.board is not None:
+            self.board.unregister(self.task_id)
+
+    def batched(self) -> PollBoard | None:
+        """The board to hand the next poll to, when other waits of the account are in flight."""
+        if self.board is None or self.last is None or not self.board.crowded:
+            return None
+        return self.board
+
+    @staticmethod
+    def slack(delay: float) -> float:
+        """How much earlier than planned a poll may run so it can share a list page."""
+        return min(0.3 * delay, 2.0)
+
+    def take(self, task: Task, on_poll: Callable[[Task], None] | None) -> None:
+        """A poll answered by a list page or by a signal's writer rather than by our GET."""
+        self.durations.observe(task)
+        self.last = task
+        if on_poll is not None:
+            on_poll(task)
 
     @property
     def done(self) -> bool:
@@ -436,7 +492,7 @@ class _Wait:
     def next_sleep(self) -> float:
         """Seconds to sleep before the next poll; raises once the deadline has passed."""
         status = self.last.status if self.last else None
-        delay = self.schedule.next_delay(status) if self.last is not None else 0.0
+        delay = self.schedule.next_delay(status, self._age()) if self.last is not None else 0.0
         elapsed = time.monotonic() - self.started
         if elapsed >= self.timeout:
             raise TaskAbandonedError(
@@ -444,15 +500,31 @@ class _Wait:
             )
         return min(delay, self.timeout - elapsed)
 
-    def signalled(self) -> bool:
-        """After a signal: True when its writer's re-read task ends the wait without a GET."""
-        assert self.signals is not None
-        task = self.signals.confirmed(self.task_id)
+    def _age(self) -> float | None:
+        """Seconds since the task was created.
+
+        Server timestamps may have whole-second resolution, so a task that was only just
+        created (the usual submit -> wait) is aged from the start of this wait instead.
+        """
+        if self._fresh:
+            return time.monotonic() - self.started
+        created = self.last.created_at if self.last is not None else None
+        if created is None:
+            return None
+        offset = timedelta(seconds=self.durations.clock_offset or 0.0)
+        age = max(0.0, (datetime.now(UTC) + offset - created).total_seconds())
+        if self._fresh is None:
+            self._fresh = age - (time.monotonic() - self.started) < FRESH_TASK_SECONDS
+            if self._fresh:
+                return time.monotonic() - self.started
+        return age
+
+    def signalled(self) -> Task | None:
+        """After a signal: its writer's re-read task, which ends the wait without a GET."""
+        confirmed = getattr(self.signals, "confirmed", None)
         self.signals = None
-        if task is None:
-            return False
-        self.last = task
-        return True
+        task = confirmed(self.task_id) if confirmed is not None else None
+        return task if isinstance(task, Task) and task.is_terminal else None
 
     def failed_poll(self, exc: EggAPIError) -> None:
         """Transient errors keep the wait going until the deadline; others end it."""
@@ -476,6 +548,7 @@ class EggAPIClient(_BaseClient):
         **options: Any,
     ) -> None:
         super().__init__(api_key, base_url, **options)
+        self._custom_transport = transport is not None
         tls = shared_ssl_context()
         self._http = httpx.Client(
             base_url=self.base_url,
@@ -591,23 +664,27 @@ class EggAPIClient(_BaseClient):
         Transient errors while polling do not end the wait; the deadline does, with
         :class:`TaskAbandonedError` carrying the task id (the task may still bill).
         """
-        wait = _Wait(self, task, timeout, poll, signals)
-        while not wait.done:
-            delay = wait.next_sleep()
-            if wait.signals is None or wait.last is None:
-                time.sleep(delay)
-            elif wait.signals.wait(wait.task_id, delay) and wait.signalled():
+        with _Wait(self, task, timeout, poll, signals) as wait:
+            while not wait.done:
+                delay = wait.next_sleep()
+                known: Task | None = None
+                if board := wait.batched():
+                    known = board.poll(wait.task_id, delay, wait.slack(delay))
+                elif wait.signals is None or wait.last is None:
+                    time.sleep(delay)
+                elif wait.signals.wait(wait.task_id, delay):
+                    known = wait.signalled()
+                if known is not None:
+                    wait.take(known, on_poll)
+                    continue
+                try:
+                    wait.last = self.get_task(wait.task_id)
+                except EggAPIError as exc:
+                    wait.failed_poll(exc)
+                    continue
                 if on_poll is not None:
                     on_poll(wait.last)
-                continue
-            try:
-                wait.last = self.get_task(wait.task_id)
-            except EggAPIError as exc:
-                wait.failed_poll(exc)
-                continue
-            if on_poll is not None:
-                on_poll(wait.last)
-        return wait.result(raise_on_failure)
+            return wait.result(raise_on_failure)
 
     @contextmanager
     def stream_output(self, url: str) -> Iterator[tuple[Iterator[bytes], DownloadStream]]:
@@ -650,6 +727,7 @@ class AsyncEggAPIClient(_BaseClient):
         **options: Any,
     ) -> None:
         super().__init__(api_key, base_url, **options)
+        self._custom_transport = transport is not None
         tls = shared_ssl_context()
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
@@ -760,23 +838,27 @@ class AsyncEggAPIClient(_BaseClient):
         signals: TaskSignals | None = None,
     ) -> Task:
         """Async twin of :meth:`EggAPIClient.wait_for_task`."""
-        wait = _Wait(self, task, timeout, poll, signals)
-        while not wait.done:
-            delay = wait.next_sleep()
-            if wait.signals is None or wait.last is None:
-                await asyncio.sleep(delay)
-            elif await wait.signals.await_signal(wait.task_id, delay) and wait.signalled():
+        with _Wait(self, task, timeout, poll, signals) as wait:
+            while not wait.done:
+                delay = wait.next_sleep()
+                known: Task | None = None
+                if board := wait.batched():
+                    known = await board.apoll(wait.task_id, delay, wait.slack(delay))
+                elif wait.signals is None or wait.last is None:
+                    await asyncio.sleep(delay)
+                elif await wait.signals.await_signal(wait.task_id, delay):
+                    known = wait.signalled()
+                if known is not None:
+                    wait.take(known, on_poll)
+                    continue
+                try:
+                    wait.last = await self.get_task(wait.task_id)
+                except EggAPIError as exc:
+                    wait.failed_poll(exc)
+                    continue
                 if on_poll is not None:
                     on_poll(wait.last)
-                continue
-            try:
-                wait.last = await self.get_task(wait.task_id)
-            except EggAPIError as exc:
-                wait.failed_poll(exc)
-                continue
-            if on_poll is not None:
-                on_poll(wait.last)
-        return wait.result(raise_on_failure)
+            return wait.result(raise_on_failure)
 
     @asynccontextmanager
     async def stream_output(

@@ -2,8 +2,10 @@
 
 A fixed short interval wastes requests (and rate limit) on 10-second jobs; a fixed long one adds
 latency. The policy learns typical queue and processing times from the server's own timestamps of
-tasks it has seen finish, sleeps about that long after each phase change, then backs off
-geometrically. Jitter keeps mapped waits from polling in lock-step.
+tasks it has seen finish. Knowing a task's age (server clock), it sleeps until just after the
+task's expected completion and polls once; a task running late is polled on a short, growing
+interval. Without that knowledge it sleeps about a learned phase duration after each phase change,
+then backs off geometrically. Jitter keeps mapped waits from polling in lock-step.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class PollPolicy:
     learned_fraction: float = 0.9
     # Use learned phase durations at all (a webhook backstop should not).
     learn: bool = True
+    # Let concurrent waits of one account share GET /v1/tasks pages (see ``board``).
+    batch: bool = True
+    # Aim the poll this fraction (plus 0.1 s) after the task's learned expected completion.
+    completion_margin: float = 0.05
 
     @classmethod
     def backstop(cls) -> PollPolicy:
@@ -51,6 +57,15 @@ class DurationStats:
         self._lock = threading.Lock()
         self.queue: float | None = None
         self.processing: float | None = None
+        # Server clock minus ours (seconds), learned from 202 answers by the client.
+        self.clock_offset: float | None = None
+
+    @property
+    def total(self) -> float | None:
+        """Expected seconds from creation to completion, once a completed task was seen."""
+        if self.processing is None:
+            return None
+        return (self.queue or 0.0) + self.processing
 
     def observe(self, task: Task) -> None:
         if task.status is not TaskStatus.COMPLETED:
@@ -74,11 +89,16 @@ class PollSchedule:
         self._rng = rng or random.Random()
         self._phase: TaskStatus | None = None
         self._interval = policy.initial_interval
+        self._overdue: float | None = None
         self.polls = 0
 
-    def next_delay(self, status: TaskStatus | None) -> float:
+    def next_delay(self, status: TaskStatus | None, age: float | None = None) -> float:
+        """Seconds until the next poll, given the last status seen and the task's age."""
         p = self._policy
         self.polls += status is not None
+        expected = self._stats.total if p.learn else None
+        if age is not None and expected and status in (TaskStatus.PENDING, TaskStatus.PROCESSING):
+            return self._aimed(expected, age)
         if status != self._phase:
             self._phase = status
             learned = (
@@ -94,5 +114,21 @@ class PollSchedule:
         else:
             self._interval = min(p.max_interval, self._interval * p.multiplier)
             base = self._interval
-        spread = base * p.jitter
-        return max(p.min_interval, base + self._rng.uniform(-spread, spread))
+        return self._jittered(base)
+
+    def _aimed(self, expected: float, age: float) -> float:
+        """Just after the expected completion; then a short interval growing geometrically."""
+        p = self._policy
+        target = expected * (1 + p.completion_margin) + 0.1
+        if age < target and self._overdue is None:
+            # never longer than one whole expected lifetime, whatever the clocks say
+            return max(p.min_interval, min(target - age, target))
+        if self._overdue is None:
+            self._overdue = min(p.initial_interval, max(p.min_interval, 0.1 * expected))
+        else:
+            self._overdue = min(p.max_interval, self._overdue * p.multiplier)
+        return self._jittered(self._overdue)
+
+    def _jittered(self, base: float) -> float:
+        spread = base * self._policy.jitter
+        return max(self._policy.min_interval, base + self._rng.uniform(-spread, spread))

@@ -243,9 +243,9 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
     @app.get("/v1/tasks")
     async def list_tasks(request: Request) -> Response:
         api_key = await guard(request, "list_tasks")
-        base = base_url(request)
-        tasks = [t.to_json(base) for t in state.list_tasks(api_key)]
-        return envelope(_paginate(request, tasks))
+        page = _paginate(request, state.list_tasks(api_key))
+        page["items"] = [t.to_json(base_url(request)) for t in page["items"]]
+        return envelope(page)
 
     @app.get("/v1/tasks/{task_id}")
     async def get_task(request: Request, task_id: str) -> Response:

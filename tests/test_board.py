@@ -1,0 +1,253 @@
+"""The poll board: crowded waits of one account share list pages, and it can only save requests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from prefect_eggapi import board as board_module
+from prefect_eggapi.board import PollBoard
+from prefect_eggapi.client import AsyncEggAPIClient, EggAPIClient
+from prefect_eggapi.emulator import EmulatorProcess
+from prefect_eggapi.models import Task, TaskPage
+from prefect_eggapi.polling import PollPolicy
+
+T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+def task(i: int, status: str = "processing", *, urls: bool = True) -> Task:
+    data: dict[str, object] = {
+        "id": f"gen_{i:012d}",
+        "status": status,
+        "created_at": (T0 + timedelta(seconds=i)).isoformat(),
+    }
+    if status == "completed" and urls:
+        data["output"] = {"url": f"http://x/{i}.png", "urls": [f"http://x/{i}.png"]}
+    return Task.model_validate(data)
+
+
+class FakeLister:
+    """An account's task list, newest first, in pages; counts what the board asks for."""
+
+    def __init__(self, tasks: list[Task]) -> None:
+        self.tasks = sorted(tasks, key=lambda t: t.created_at or T0, reverse=True)
+        self.pages: list[int] = []
+        self.fail: Exception | None = None
+        self.closed = threading.Event()
+
+    def list_tasks(self, page: int = 1, per_page: int = 20) -> TaskPage:
+        self.pages.append(page)
+        if self.fail is not None:
+            raise self.fail
+        start = (page - 1) * per_page
+        total = len(self.tasks)
+        return TaskPage.model_validate(
+            {
+                "items": [t.model_dump() for t in self.tasks[start : start + per_page]],
+                "pagination": {
+                    "page": page,
+                    "per_page": per_page,
+                    "total": total,
+                    "total_pages": (total + per_page - 1) // per_page,
+                },
+            }
+        )
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def poll_all(board: PollBoard, ids: list[str], delay: float = 0.05) -> list[Task | None]:
+    """Poll every id at once from its own thread (as concurrent waits do)."""
+    out: dict[str, Task | None] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: out.__setitem__(i, board.poll(i, delay, delay)))
+        for i in ids
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return [out[i] for i in ids]
+
+
+def test_crowded_polls_are_served_by_one_list_page() -> None:
+    lister = FakeLister([task(i, "completed" if i % 2 else "processing") for i in range(10)])
+    board = PollBoard(lambda: lister)
+    ids = [f"gen_{i:012d}" for i in (2, 3, 7)]
+    for i, tid in zip((2, 3, 7), ids, strict=True):
+        board.register(tid, T0 + timedelta(seconds=i))
+    assert board.crowded
+    results = poll_all(board, ids, delay=0.2)
+    assert [t.id if t else None for t in results] == ids
+    assert [t.status.value for t in results if t] == ["processing", "completed", "completed"]
+    assert lister.pages == [1]
+    assert board.stats.served == 3 and board.stats.lists == 1
+
+
+def test_a_lone_wait_is_not_crowded_and_a_lone_poll_is_handed_back() -> None:
+    lister = FakeLister([task(1)])
+    board = PollBoard(lambda: lister)
+    board.register("gen_000000000001", T0)
+    assert not board.crowded
+    assert board.poll("gen_000000000001", 0.01, 0.01) is None  # its wait GETs it itself
+    assert lister.pages == []
+
+
+def test_tasks_missing_from_the_page_or_without_urls_are_handed_back() -> None:
+    lister = FakeLister([task(1, "completed", urls=False), task(2)])
+    board = PollBoard(lambda: lister)
+    ids = ["gen_000000000001", "gen_000000000002", "gen_000000000099"]
+    for tid in ids:
+        board.register(tid, T0)
+    got = poll_all(board, ids)
+    # a completed item without output URLs is not trusted; an unknown id is not invented
+    assert [t.id if t else None for t in got] == [None, "gen_000000000002", None]
+
+
+def test_pages_further_down_only_while_wanted_tasks_can_be_there() -> None:
+    tasks = [task(i) for i in range(250)]  # newest first: 249 .. 0
+    lister = FakeLister(tasks)
+    board = PollBoard(lambda: lister)
+    deep = ["gen_000000000120", "gen_000000000248"]  # page 2 and page 1
+    for tid, i in zip(deep, (120, 248), strict=True):
+        board.register(tid, T0 + timedelta(seconds=i))
+    assert all(poll_all(board, deep))
+    assert lister.pages == [1, 2]
+    # a task older than anything listed on page 1 minus the skew stops the paging early
+    lister.pages.clear()
+    new = [task(i) for i in range(1000, 1100)]
+    lister2 = FakeLister([*new, task(5)])
+    board2 = PollBoard(lambda: lister2)
+    for tid, when in (("gen_000000000005", 5), ("gen_000000001099", 1099)):
+        board2.register(tid, T0 + timedelta(seconds=when))
+    got = poll_all(board2, ["gen_000000000005", "gen_000000001099"])
+    assert got[1] is not None
+    assert lister2.pages == [1, 2]  # page 1 ends at 1000 s, still newer than 5 s: one more
+    lister3 = FakeLister([task(i) for i in range(1000, 1300)] + [task(5)])  # 5 is on page 4
+    board3 = PollBoard(lambda: lister3)
+    for tid, when in (("gen_000000000005", 5), ("gen_000000001299", 1299)):
+        board3.register(tid, T0 + timedelta(seconds=when))
+    got = poll_all(board3, ["gen_000000000005", "gen_000000001299"])
+    assert got[0] is None and got[1] is not None  # handed back: its wait GETs it
+    assert lister3.pages == [1, 2, 3]  # MAX_PAGES, never the whole account
+
+
+def test_list_errors_hand_every_poll_back() -> None:
+    lister = FakeLister([task(1), task(2)])
+    lister.fail = RuntimeError("boom")
+    board = PollBoard(lambda: lister)
+    for tid in ("gen_000000000001", "gen_000000000002"):
+        board.register(tid, T0)
+    assert poll_all(board, ["gen_000000000001", "gen_000000000002"]) == [None, None]
+
+
+def test_board_stops_batching_when_pages_never_hold_the_wanted_tasks() -> None:
+    lister = FakeLister([task(i) for i in range(500, 510)])  # e.g. an API listing oldest first
+    board = PollBoard(lambda: lister)
+    ids = ["gen_000000000001", "gen_000000000002"]
+    for tid in ids:
+        board.register(tid, None)
+    for _ in range(board_module.MAX_MISSES):
+        assert poll_all(board, ids) == [None, None]
+    assert board.stats.disabled and not board.crowded
+    asked = len(lister.pages)
+    assert board.poll(ids[0], 0.01, 0.01) is None
+    assert len(lister.pages) == asked  # no more list requests
+
+
+def test_idle_board_thread_exits_and_closes_its_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(board_module, "IDLE_EXIT_SECONDS", 0.1)
+    lister = FakeLister([task(1)])
+    board = PollBoard(lambda: lister)
+    assert board.poll("gen_000000000001", 0.01, 0.01) is None
+    assert lister.closed.wait(5)
+    lister.closed.clear()
+    assert board.poll("gen_000000000001", 0.01, 0.01) is None  # a new thread, a new client
+    assert lister.closed.wait(5)
+
+
+def test_polls_are_served_within_their_slack_not_before() -> None:
+    lister = FakeLister([task(1), task(2)])
+    board = PollBoard(lambda: lister)
+    for tid in ("gen_000000000001", "gen_000000000002"):
+        board.register(tid, T0)
+    started = time.monotonic()
+    out: list[float] = []
+
+    def one(tid: str, delay: float, slack: float) -> None:
+        board.poll(tid, delay, slack)
+        out.append(time.monotonic() - started)
+
+    a = threading.Thread(target=one, args=("gen_000000000001", 0.3, 0.0))
+    b = threading.Thread(target=one, args=("gen_000000000002", 0.5, 0.3))  # may run from 0.2 s
+    a.start()
+    b.start()
+    a.join(5)
+    b.join(5)
+    assert lister.pages == [1]  # one page for both: b ran early, inside its slack
+    assert all(0.3 <= t < 0.5 for t in out), out
+
+
+# --------------------------------------------------------------------------- with the emulator
+
+
+@pytest.mark.integration
+def test_concurrent_waits_share_list_pages_against_the_emulator(
+    emulator: EmulatorProcess, emulator_api_key: str
+) -> None:
+    emulator.set_config(pending_seconds=0.2, processing_seconds=1.5)
+    poll = PollPolicy(initial_interval=0.3, max_interval=0.6, learn=False)
+    n = 6
+    with EggAPIClient(emulator_api_key, emulator.base_url, poll=poll) as client:
+        submitted = [client.generate(model="nanobanana", prompt=f"board {i}") for i in range(n)]
+        done: list[Task] = []
+        threads = [
+            threading.Thread(target=lambda t=t: done.append(client.wait_for_task(t, timeout=30)))
+            for t in submitted
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(40)
+    assert sorted(t.id for t in done) == sorted(t.id for t in submitted)
+    assert all(t.output_urls for t in done)
+    gets = emulator.request_count(emulator_api_key, "get_task")
+    lists = emulator.request_count(emulator_api_key, "list_tasks")
+    # each wait alone would poll ~5 times (1.7 s at 0.3 .. 0.6 s): 30 GETs
+    assert lists >= 1 and gets + lists < n * 2, (gets, lists)
+
+
+@pytest.mark.integration
+def test_async_waits_share_list_pages_against_the_emulator(
+    emulator: EmulatorProcess, emulator_api_key: str
+) -> None:
+    emulator.set_config(pending_seconds=0.2, processing_seconds=1.5)
+    poll = PollPolicy(initial_interval=0.3, max_interval=0.6, learn=False)
+
+    async def run() -> list[Task]:
+        async with AsyncEggAPIClient(emulator_api_key, emulator.base_url, poll=poll) as client:
+            tasks = [await client.generate(model="nanobanana", prompt=f"a{i}") for i in range(6)]
+            return await asyncio.gather(*(client.wait_for_task(t, timeout=30) for t in tasks))
+
+    done = asyncio.run(run())
+    assert all(t.status.value == "completed" and t.output_urls for t in done)
+    gets = emulator.request_count(emulator_api_key, "get_task")
+    lists = emulator.request_count(emulator_api_key, "list_tasks")
+    assert lists >= 1 and gets + lists < 12, (gets, lists)
+
+
+def test_batching_can_be_turned_off_and_skips_custom_transports() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(404)
+
+    with EggAPIClient("egg_sk_board_test_0001", transport=httpx.MockTransport(handler)) as c:
+        assert c._poll_board() is None
+    with EggAPIClient("egg_sk_board_test_0001", "http://127.0.0.1:9") as c:
+        assert c._poll_board() is not None
+        assert PollPolicy(batch=False).batch is False
