@@ -1,7 +1,7 @@
 """The hand-written baseline: asyncio + httpx + boto3, no Prefect, no prefect_eggapi.
 
 It does the same work per prompt as one item of the batch flow: ``POST /v1/generate``, poll
-``GET /v1/tasks/{id}`` with the same schedule as the library's default ``PollPolicy`` (1 s,
+``GET /v1/tasks/{id}`` with the schedule the library used before its poll board (1 s,
 x1.5, <= 5 s, +-10 % jitter, first poll of a phase at 0.9 x the learned (EWMA, alpha 0.3) queue or
 processing time), stream each output through a sha256 into a spooled temp file (4 MiB in memory)
 and upload it to S3 with metadata (sha256, size, format, task id, index, model) through one shared

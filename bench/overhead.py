@@ -3,8 +3,7 @@
 Same emulator timing, same N, same concurrency, back to back in one invocation against one local
 stack (A/B, order alternated on repeats). Each side runs in a fresh process; the ratio is Prefect
 flow wall time / baseline wall time (the ephemeral API server's start-up is excluded and shown
-separately). ``--variants`` also runs the flow with proposed src/ changes simulated in-process
-(monkeypatches, see VARIANTS) to measure their gain.
+separately).
 
     python bench/overhead.py [--n 200 1000] [--concurrency 50] [--profile]
 
@@ -87,94 +86,6 @@ def _instrument() -> None:
     AsyncEggAPIClient.get_task = counted_get_task  # type: ignore[method-assign]
 
 
-VARIANTS = {
-    "shared-ssl": "the library's httpx clients share one SSL context (verify=ctx) instead of "
-    "building a new one (CA bundle load) per client",
-    "progress-1s": "Progress.update talks to the API at most once per second (and at 100 %)",
-    "scope-cache": "run_scope() computed once per flow run (no flow-run API read per submit)",
-    "pool-64": "in_thread() runs on a 64-thread pool instead of asyncio's default "
-    "min(32, nproc + 4) = 6 threads here",
-    "record-put": "_Batch.record writes the status object only (no DELETE of the two other "
-    "statuses when the start-of-run listing shows none exists)",
-}
-ALL_VARIANTS = list(VARIANTS)
-
-
-def _apply_variants(names: list[str]) -> None:
-    """Simulate proposed src/ changes in this process only (for measuring their gain)."""
-    import functools
-    import types
-
-    if "shared-ssl" in names:
-        import httpx
-
-        import prefect_eggapi.client as client_module
-
-        ctx = httpx.create_ssl_context()
-        shim = types.SimpleNamespace(**{k: getattr(httpx, k) for k in dir(httpx)})
-        shim.Client = functools.partial(httpx.Client, verify=ctx)
-        shim.AsyncClient = functools.partial(httpx.AsyncClient, verify=ctx)
-        client_module.httpx = shim  # type: ignore[attr-defined]
-    if "progress-1s" in names:
-        from prefect_eggapi.artifacts import Progress
-
-        update = Progress.update
-
-        def throttled(self: Any, percent: float, description: str | None = None) -> None:
-            now = time.monotonic()
-            if percent < 100 and now - getattr(self, "_bench_last", 0.0) < 1.0:
-                return
-            self._bench_last = now  # type: ignore[attr-defined]
-            update(self, percent, description)
-
-        Progress.update = throttled  # type: ignore[method-assign]
-    if "scope-cache" in names:
-        import prefect_eggapi.tasks as tasks_module
-        from prefect_eggapi.runtime import run_scope
-
-        scopes: dict[str, str] = {}
-
-        def cached_scope() -> str:
-            from prefect.runtime import flow_run
-
-            run_id = flow_run.id
-            if not run_id:
-                return run_scope()
-            if run_id not in scopes:
-                scopes[run_id] = run_scope()
-            return scopes[run_id]
-
-        tasks_module.run_scope = cached_scope  # type: ignore[attr-defined]
-    if "pool-64" in names:
-        import asyncio
-        import contextvars
-        from concurrent.futures import ThreadPoolExecutor
-
-        import prefect_eggapi.flows.batch as batch_module
-        import prefect_eggapi.tasks as tasks_module
-
-        pool = ThreadPoolExecutor(64, thread_name_prefix="eggapi")
-
-        async def in_thread(fn: Any) -> Any:
-            ctx = contextvars.copy_context()
-            return await asyncio.get_running_loop().run_in_executor(pool, ctx.run, fn)
-
-        tasks_module.in_thread = in_thread  # type: ignore[attr-defined]
-        batch_module.in_thread = in_thread  # type: ignore[attr-defined]
-    if "record-put" in names:
-        from prefect_eggapi.flows.batch import _Batch
-
-        def record(self: Any, result: Any) -> None:
-            self.store.client.put_object(
-                Bucket=self.store.bucket,
-                Key=self.status_key(result.id, result.status),
-                Body=result.model_dump_json().encode(),
-                ContentType="application/json",
-            )
-
-        _Batch.record = record  # type: ignore[method-assign]
-
-
 def _tasks_flow() -> Any:
     from prefect import flow
 
@@ -212,7 +123,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from prefect import flow
 
     _instrument()
-    _apply_variants(spec.get("variants", []))
 
     @flow(name="eggapi-bench-warmup")
     async def warmup() -> int:
@@ -303,20 +213,17 @@ def measure(
     *,
     concurrency: int = 50,
     repeats: int = 1,
-    variants: bool = True,
     api_url: str | None = None,
     profile_dir: Path | None = None,
     log_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (N, side, repeat). Sides: baseline, prefect (as is), prefect+proposed."""
+    """One row per (N, side, repeat). Sides: baseline (the hand-written script), prefect."""
     from _common import diff_counts, key_requests, local_stack, prefect_env, run_child
 
     sides: list[tuple[str, str, dict[str, Any]]] = [
         ("baseline", "baseline_script", {}),
         ("prefect", "overhead", {"flow": "batch"}),
     ]
-    if variants:
-        sides.append(("prefect+proposed", "overhead", {"flow": "batch", "variants": ALL_VARIANTS}))
     rows: list[dict[str, Any]] = []
     with local_stack(
         pending_seconds=PENDING, processing_seconds=PROCESSING, rate_limit_per_second=None
@@ -420,7 +327,6 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[200, 1000])
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--no-variants", action="store_true")
     parser.add_argument("--profile", type=Path, default=None, help="write cProfiles here")
     args = parser.parse_args()
     if args.profile:
@@ -429,7 +335,6 @@ def main() -> None:
         args.n,
         concurrency=args.concurrency,
         repeats=args.repeats,
-        variants=not args.no_variants,
         profile_dir=args.profile,
     )
     summary = summarize(rows)

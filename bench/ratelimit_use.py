@@ -34,7 +34,6 @@ def measure(
     limit: float = 20.0,
     concurrency: int = 100,
     *,
-    variants: list[str] | None = None,
     api_url: str | None = None,
     log_dir: Path | None = None,
 ) -> dict[str, Any]:
@@ -79,7 +78,6 @@ def measure(
                     "concurrency": concurrency,
                     "tag": tag,
                     "name": tag,
-                    "variants": variants or [],
                 },
                 env,
                 log_dir=log_dir,
@@ -97,7 +95,6 @@ def measure(
     status_429 = int(audit["rate_limited_by_key"].get(kid, 0))
     return {
         "n": n,
-        "variants": variants or [],
         "limit": limit,
         "concurrency": concurrency,
         "images": out["images"],

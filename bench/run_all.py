@@ -55,47 +55,12 @@ QUICK = {
 }
 
 WHERE_TIME_GOES = """\
-Profiled with py-spy (all threads, 50 Hz) on the flow process, N = 100, concurrency 50, as is:
-the flow process was CPU-bound (about 19 CPU-s in a 22 s flow on 2 cores; the baseline used
-0.8 CPU-s for the same work). Samples by cause:
-
-* 41 % in `ssl.create_default_context` (loading the CA bundle): every `EggAPIClient` /
-  `AsyncEggAPIClient` builds two `httpx` clients, each with a new SSL context, even for http://
-  URLs, and `agenerate_image` builds three clients per item (submit, wait, persist): 6 contexts,
-  about 100-150 ms of CPU per image. Prefect's own `get_client()` calls add more (below).
-* 6 % in `run_scope()` -> `prefect.runtime.flow_run.scheduled_start_time` / `deployment.id`:
-  each submit reads the flow run back from the API with a new `PrefectClient` (new SSL context).
-* 5 % in `Progress.update`: a synchronous `update_progress_artifact` (new `SyncPrefectClient`,
-  HTTP round trip) called *on the event loop* from `_Batch.run_item` for every 1 % step.
-* The rest is I/O waiting in asyncio's default thread pool, which has min(32, nproc + 4) = 6
-  threads here: per item the flow runs submit (POST + ledger), persist (S3 LIST + HEAD, download,
-  HEAD, PUT) and `_Batch.record` (3 x S3 DELETE + PUT) through those 6 threads, where the baseline
-  makes one S3 call per item from the pool.
-
-`prefect+proposed` rows simulate the fixes below in the flow process (monkeypatches in
-`bench/overhead.py`, VARIANTS) so their gain is measured in the same run.
+(filled in after profiling this run's code; see the overhead section)
 """
 
-PROPOSED = """\
-1. `src/prefect_eggapi/client.py`, `EggAPIClient.__init__` / `AsyncEggAPIClient.__init__`: pass
-   `verify=_default_ssl_context()` to the four `httpx.Client` / `httpx.AsyncClient` constructors
-   (a module-level, lock-protected, lazily built `httpx.create_ssl_context()`, used only when the
-   caller gives no `transport`/`verify`). An SSL context is immutable once built and safe to share.
-   Variant `shared-ssl`.
-2. `src/prefect_eggapi/artifacts.py`, `Progress.update`: talk to the API at most once per second
-   (always at 100 %); and in `src/prefect_eggapi/flows/batch.py`, `_Batch.run_item`, call it via
-   `in_thread` (it is a blocking HTTP call on the event loop). Variant `progress-1s`.
-3. `src/prefect_eggapi/runtime.py`, `run_scope`: read `FlowRunContext.get().flow_run`
-   (`deployment_id`, `expected_start_time`) from the run context, or memoise per flow-run id,
-   instead of `prefect.runtime.flow_run.scheduled_start_time`, which GETs the flow run from the
-   API on every call. Variant `scope-cache`.
-4. `src/prefect_eggapi/runtime.py`, `in_thread`: run on a module-level `ThreadPoolExecutor`
-   sized for I/O (e.g. 64, or the batch's concurrency + 4) rather than asyncio's default
-   (6 threads on 2 cores). Variant `pool-64`.
-5. `src/prefect_eggapi/flows/batch.py`, `_Batch.record`: `already_persisted()` already lists the
-   items' status objects at start; keep the full listing (`{item id: statuses}`) and delete only
-   statuses that exist (none in a fresh batch), saving 3 S3 DELETEs per item. Variant
-   `record-put`.
+
+API_NOTES = """\
+(notes on requests per image; filled in after this run)
 """
 
 
@@ -165,10 +130,8 @@ def main() -> None:
                     params["rate_n"],
                     params["rate_limit"],
                     params["rate_concurrency"],
-                    variants=variants,
                     log_dir=log_dir,
                 )
-                for variants in ([], overhead.ALL_VARIANTS)
             ],
             results,
             errors,
@@ -241,7 +204,7 @@ def render(
     big_n = max(ov) if ov else None
     rows: list[tuple[str, str, str, str]] = []
     for n, sides in ov.items():
-        for side in ("prefect", "prefect+proposed"):
+        for side in ("prefect",):
             if side in sides:
                 r = sides[side]["ratio"]
                 target = _target(r, 1.3) if n == big_n and not quick else "(info)"
@@ -286,10 +249,9 @@ def render(
             )
         )
     for r in rate:
-        label = "proposed" if r["variants"] else "as is"
         rows.append(
             (
-                f"5. Rate-limit use ({label}): achieved / limit; 429s",
+                "5. Rate-limit use: achieved / limit; 429s",
                 f"{100 * r['use']:.0f} % of {r['limit']:g}/s; {r['status_429']} x 429 "
                 f"({100 * r['share_429']:.1f} %)",
                 ">= 90 %",
@@ -309,7 +271,7 @@ def render(
             )
     srv = overhead.summarize(results["server"]) if "server" in results else {}
     for n, sides in srv.items():
-        for side in ("prefect", "prefect+proposed"):
+        for side in ("prefect",):
             if side in sides:
                 eph = ov.get(n, {}).get(side, {}).get("ratio", nan)
                 rows.append(
@@ -342,7 +304,7 @@ def render(
         f"sides, emulator pending {overhead.PENDING} s / processing {overhead.PROCESSING} s, "
         "emulator rate limit off, `EGGAPI_REQUESTS_PER_SECOND="
         f"{overhead.CLIENT_RATE}` (client limiter out of the way), 1 x 1344x768 PNG per prompt; "
-        "order baseline -> prefect -> prefect+proposed; ephemeral API server started (and "
+        "order baseline -> prefect; ephemeral API server started (and "
         "excluded from the timing) by a warm-up flow in the same process."
     )
     add(
@@ -391,9 +353,6 @@ def render(
         add("### Where the time goes")
         add("")
         add(WHERE_TIME_GOES)
-        add("### Proposed changes to src/ (measured above as `prefect+proposed`)")
-        add("")
-        add(PROPOSED)
     if api:
         add("## 2 and 3. Requests per image and detection latency")
         add("")
@@ -414,23 +373,17 @@ def render(
                 f"{f(r['receiver_to_s3_p50']) if webhook_only else '-'} |"
             )
         add("")
-        add(
-            "With one output per task the floor is 3 requests per image in either mode (one "
-            "submit, at least one read of the completed task, one download); webhook mode as "
-            "built makes 4: the receiver re-reads the task (GET) and the woken wait reads it "
-            "again (GET). 'polls saw' counts the statuses the flow's own GETs returned (the "
-            "receiver's re-read is not included there but is in req/image)."
-        )
+        add(API_NOTES)
         add("")
     if rate:
         add("## 5. Rate-limit use")
         add("")
-        add("| flow | API requests | achieved req/s | use | 429s | window s |")
-        add("|---|---|---|---|---|---|")
+        add("| API requests | achieved req/s | use | 429s | window s |")
+        add("|---|---|---|---|---|")
         for r in rate:
             add(
-                f"| {'proposed' if r['variants'] else 'as is'} | {r['api_requests']} "
-                f"{r['requests']} | {r['achieved_rate']:.1f} | {100 * r['use']:.0f} % | "
+                f"| {r['api_requests']} {r['requests']} | {r['achieved_rate']:.1f} | "
+                f"{100 * r['use']:.0f} % | "
                 f"{r['status_429']} | {r['window_s']:.1f} |"
             )
         add("")

@@ -8,7 +8,7 @@ keeps polling on its slow schedule, so a lost webhook still completes. Nothing h
 EggAPI.
 
 Waking is cheap: one watcher thread per database file and process reads the rows added since
-its last look (``rowid > last``) every ``poll_interval`` seconds (50 ms by default), only while
+its last look (``rowid > last``) every ``poll_interval`` seconds (20 ms by default), only while
 some wait is pending, and wakes the waiters of the task ids it finds. A signal written in the
 same process wakes its waiters at once. Hundreds of concurrent waits cost one indexed query per
 interval, not one each.
@@ -166,7 +166,7 @@ class SQLiteSignals:
         poll_interval: how often the watcher looks for rows written by other processes.
     """
 
-    def __init__(self, path: str | Path | None = None, *, poll_interval: float = 0.05) -> None:
+    def __init__(self, path: str | Path | None = None, *, poll_interval: float = 0.02) -> None:
         resolved = Path(path) if path is not None else default_signals_path()
         resolved.parent.mkdir(parents=True, exist_ok=True)
         self.path = resolved
