@@ -90,7 +90,15 @@ def main() -> None:
         "--only", nargs="+", default=None, help="sections: overhead api rate memory server"
     )
     parser.add_argument("--keep-logs", type=Path, default=None, help="keep child logs here")
+    parser.add_argument(
+        "--render", type=Path, default=None, help="only re-render the Markdown from a raw JSON"
+    )
     args = parser.parse_args()
+    if args.render is not None:
+        raw = json.loads(args.render.read_text())
+        text = render(raw["params"], raw["results"], {}, raw["wall"], quick=raw.get("quick", False))
+        (args.out or Path(__file__).parent / "RESULTS.md").write_text(text)
+        return
     params = QUICK if args.quick else FULL
     out_path = args.out or (None if args.quick else Path(__file__).parent / "RESULTS.md")
     log_dir = args.keep_logs
@@ -158,7 +166,9 @@ def main() -> None:
 
     wall = time.monotonic() - started
     raw_path = Path(tempfile.gettempdir()) / "eggapi-bench-results.json"
-    raw_path.write_text(json.dumps({"params": params, "results": results, "wall": wall}))
+    raw_path.write_text(
+        json.dumps({"params": params, "results": results, "wall": wall, "quick": args.quick})
+    )
     print(f"raw results: {raw_path}")
     text = render(params, results, errors, wall, quick=args.quick)
     print()

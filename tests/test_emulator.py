@@ -154,6 +154,21 @@ def test_docs_example_73_completes_with_two_images_and_cost(
     assert len(digests) == 2  # every (task, index) renders a different image
 
 
+def test_outputs_exist_at_completion_like_on_a_cdn(
+    emulator: EmulatorProcess, emulator_client: httpx.Client
+) -> None:
+    task = emulator_client.post("/v1/generate", json=DOCS_PRO_REQUEST).json()["data"]
+    assert wait_for(emulator_client, task["id"])["status"] == "completed"
+    # rendered while processing: nothing is left to render when the first download arrives
+    deadline = time.monotonic() + 10
+    while (rendered := emulator.audit()["images_rendered"]) < 2:
+        assert time.monotonic() < deadline, rendered
+        time.sleep(0.05)
+    for i in range(2):
+        assert httpx.get(f"{emulator.base_url}/images/{task['id']}/{i}.png").status_code == 200
+    assert emulator.audit()["images_rendered"] == rendered  # from the cache, not rendered again
+
+
 def test_docs_example_8_completed_task_shape(emulator_client: httpx.Client) -> None:
     task = create(emulator_client, **DOCS_G3_REQUEST)
     done = wait_for(emulator_client, task["id"])

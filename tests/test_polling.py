@@ -91,6 +91,7 @@ def test_schedule_aims_just_after_the_expected_completion_when_the_age_is_known(
     sched = PollSchedule(policy, stats)
     # created 3 s ago: one poll at 12 * 1.05 + 0.1 = 12.7 s of age, whatever the phase
     assert sched.next_delay(TaskStatus.PENDING, age=3.0) == pytest.approx(9.7)
+    assert sched.aimed
     assert sched.next_delay(TaskStatus.PROCESSING, age=8.0) == pytest.approx(4.7)
     # running late: a short interval (10 % of the expected total, at most the initial one),
     # growing geometrically up to the cap
@@ -118,9 +119,10 @@ def test_age_is_ignored_without_learning_or_history() -> None:
     stats = DurationStats()
     stats.observe(finished(queue=2.0, processing=10.0))
     policy = PollPolicy(initial_interval=1, max_interval=5, jitter=0, learn=False)
-    assert PollSchedule(policy, stats).next_delay(TaskStatus.PENDING, age=3.0) == 1
+    unlearned = PollSchedule(policy, stats)
+    assert unlearned.next_delay(TaskStatus.PENDING, age=3.0) == 1 and not unlearned.aimed
     fresh = PollSchedule(PollPolicy(initial_interval=1, jitter=0), DurationStats())
-    assert fresh.next_delay(TaskStatus.PENDING, age=3.0) == 1
+    assert fresh.next_delay(TaskStatus.PENDING, age=3.0) == 1 and not fresh.aimed
 
 
 def test_schedule_without_learning_ignores_stats_of_other_clients() -> None:

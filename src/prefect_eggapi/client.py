@@ -65,6 +65,8 @@ from prefect_eggapi.ratelimit import Limiter, RateLimiter
 DEFAULT_BASE_URL = "https://api.eggapi.ai"
 # A task created less than this before its wait began is aged by our clock (see _Wait._age).
 FRESH_TASK_SECONDS = 2.0
+# Longest unaimed sleep of a wait whose polls share list pages (see _Wait.next_sleep).
+SHARED_POLL_CAP = 2.0
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=30.0)
 DEFAULT_WAIT_TIMEOUT = 300.0
 DOWNLOAD_CHUNK = 64 * 1024
@@ -493,6 +495,10 @@ class _Wait:
         """Seconds to sleep before the next poll; raises once the deadline has passed."""
         status = self.last.status if self.last else None
         delay = self.schedule.next_delay(status, self._age()) if self.last is not None else 0.0
+        if not self.schedule.aimed and self.batched() is not None:
+            # Nothing learned yet, but polls share list pages: look more often for the first
+            # completion, which teaches every wait of the account when to look.
+            delay = min(delay, SHARED_POLL_CAP)
         elapsed = time.monotonic() - self.started
         if elapsed >= self.timeout:
             raise TaskAbandonedError(

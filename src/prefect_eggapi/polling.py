@@ -91,13 +91,17 @@ class PollSchedule:
         self._interval = policy.initial_interval
         self._overdue: float | None = None
         self.polls = 0
+        self.aimed = False  # the last delay aimed at a learned completion time
 
     def next_delay(self, status: TaskStatus | None, age: float | None = None) -> float:
         """Seconds until the next poll, given the last status seen and the task's age."""
         p = self._policy
         self.polls += status is not None
         expected = self._stats.total if p.learn else None
-        if age is not None and expected and status in (TaskStatus.PENDING, TaskStatus.PROCESSING):
+        self.aimed = bool(
+            age is not None and expected and status in (TaskStatus.PENDING, TaskStatus.PROCESSING)
+        )
+        if self.aimed and age is not None and expected:
             return self._aimed(expected, age)
         if status != self._phase:
             self._phase = status

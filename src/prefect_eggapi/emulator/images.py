@@ -1,7 +1,8 @@
 """Output images: real PNGs drawn with Pillow at the sizes of eggapi-api.md sections 14 and 17.3.
 
 Each image differs per (task id, index): colours come from a hash of both and the text names them,
-so checksums differ. Rendering is lazy (first download) and cached in a byte-bounded LRU.
+so checksums differ. Images render while their task processes (noisy ones on first download)
+and are cached in a byte-bounded LRU.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class ImageCache:
             self._items.clear()
             self._size = 0
             self._render_locks.clear()
+            self.renders = 0
 
     def _lookup(self, key: tuple[str, int]) -> bytes | None:
         with self._lock:

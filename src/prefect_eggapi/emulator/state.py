@@ -18,6 +18,7 @@ import string
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -181,6 +182,7 @@ class EmulatorState:
         self.faults = FaultInjector()
         self.rate_limiter = RateLimiter()
         self.images = ImageCache(config.image_cache_bytes)
+        self._renderer = ThreadPoolExecutor(1, thread_name_prefix="emulator-render")
         self.webhooks = WebhookDispatcher(self)
         self._wakeup: asyncio.Event | None = None
         self._apply_config(config, fresh=True)
@@ -383,11 +385,28 @@ class EmulatorState:
             task.started_at = at
             if not task.manual:
                 self._schedule(task, at + self.config.processing_seconds)
+            self._prerender(task)
         elif task.status == PROCESSING:
             if task.planned_error is not None:
                 self._finish_failed(task, at, task.planned_error)
             else:
                 self._finish_completed(task, at, 0 if task.planned_empty else None)
+
+    def _prerender(self, task: Task) -> None:
+        """Render the outputs while the task processes, so that, as on the real CDN, the files
+        exist at completion and a download right after it is not slowed by rendering. Noisy
+        (realistic-size) PNGs are too big to keep ahead of time: they render on download."""
+        if task.planned_error is not None or task.planned_empty or self.config.png_noise:
+            return
+        for index in range(task.request.num_outputs):
+            self._renderer.submit(
+                self.images.get_or_render,
+                task.id,
+                index,
+                task.width,
+                task.height,
+                self.config.png_compress_level,
+            )
 
     def _finish_completed(self, task: Task, at: float, num_images: int | None) -> None:
         task.status = COMPLETED
