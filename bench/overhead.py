@@ -35,7 +35,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PERSISTED: dict[str, float] = {}
+PERSISTED: dict[str, float] = {}  # task id -> when its last output was persisted
+STORED: list[int] = [0]  # outputs persisted
 POLLS: dict[str, int] = {}
 
 
@@ -73,6 +74,7 @@ def _instrument() -> None:
     def timed_persist(self: Any, chunks: Any, *, task_id: str, index: int, **kw: Any) -> Any:
         stored = persist(self, chunks, task_id=task_id, index=index, **kw)
         PERSISTED[task_id] = time.time()
+        STORED[0] += 1
         return stored
 
     get_task = AsyncEggAPIClient.get_task
@@ -99,6 +101,7 @@ def _tasks_flow() -> Any:
         concurrency: int,
         webhook_url: str | None = None,
         signals_path: str | None = None,
+        num_outputs: int = 1,
     ) -> int:
         semaphore = asyncio.Semaphore(concurrency)
         signals = SQLiteSignals(signals_path) if signals_path else None
@@ -106,7 +109,11 @@ def _tasks_flow() -> Any:
         async def one(i: int, prompt: str) -> int:
             async with semaphore:
                 request = GenerateRequest(
-                    model="nanobanana", prompt=prompt, aspect_ratio="16:9", webhook_url=webhook_url
+                    model="nanobanana",
+                    prompt=prompt,
+                    aspect_ratio="16:9",
+                    webhook_url=webhook_url,
+                    num_outputs=num_outputs,
                 )
                 label = f"item-{i:05d}"
                 task = await asubmit_generation(request, label=label)
@@ -152,6 +159,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             spec["concurrency"],
             webhook_url=spec.get("webhook_url"),
             signals_path=spec.get("signals_path"),
+            num_outputs=spec.get("num_outputs", 1),
         )
 
     profiler = None
@@ -176,7 +184,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "startup": startup,
         "cpu": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime),
         "server_cpu": server_cpu,
-        "images": len(PERSISTED),
+        "images": STORED[0],
         "persisted_at": PERSISTED,
         "polls_by_status": POLLS,
         "peak_rss_mb": cpu1.ru_maxrss / 1024,
