@@ -1,6 +1,6 @@
 """The one benchmark command: runs every bench, prints the table, writes bench/RESULTS.md.
 
-    python bench/run_all.py            # full run (about 15-20 minutes on 2 cores)
+    python bench/run_all.py            # full run (about 11 minutes on 2 cores)
     python bench/run_all.py --quick    # small N smoke test (a few minutes); writes nothing
                                        # unless --out is given
 
