@@ -14,7 +14,7 @@ from prefect_eggapi import board as board_module
 from prefect_eggapi.board import PollBoard
 from prefect_eggapi.client import AsyncEggAPIClient, EggAPIClient
 from prefect_eggapi.emulator import EmulatorProcess
-from prefect_eggapi.models import Task, TaskPage
+from prefect_eggapi.models import Task, TaskPage, TaskStatus
 from prefect_eggapi.polling import PollPolicy
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -144,7 +144,46 @@ def test_list_errors_hand_every_poll_back() -> None:
     board = PollBoard(lambda: lister)
     for tid in ("gen_000000000001", "gen_000000000002"):
         board.register(tid, T0)
-    assert poll_all(board, ["gen_000000000001", "gen_000000000002"]) == [None, None]
+    for _ in range(board_module.MAX_MISSES + 1):
+        assert poll_all(board, ["gen_000000000001", "gen_000000000002"]) == [None, None]
+    assert not board.stats.disabled  # an outage is no evidence against the list
+    lister.fail = None
+    assert all(poll_all(board, ["gen_000000000001", "gen_000000000002"]))
+
+
+def test_a_board_that_cannot_connect_hands_polls_back_at_once() -> None:
+    def connect() -> FakeLister:
+        raise RuntimeError("no client")
+
+    board = PollBoard(connect)
+    for tid in ("gen_000000000001", "gen_000000000002"):
+        board.register(tid, T0)
+    started = time.monotonic()
+    assert board.poll("gen_000000000001", 0.01, 0.01) is None
+    assert time.monotonic() - started < 5  # not after the grace period
+
+
+def test_two_waits_on_one_task_are_both_counted() -> None:
+    board = PollBoard(lambda: FakeLister([]))
+    board.register("gen_000000000001", T0)
+    board.register("gen_000000000001", None)  # e.g. two items reconnected to one task
+    assert board.crowded
+    board.unregister("gen_000000000001")
+    assert not board.crowded
+    board.unregister("gen_000000000001")
+    board.unregister("gen_000000000001")  # extra unregisters are harmless
+    assert not board.crowded
+
+
+def test_failed_items_without_their_error_are_read_with_get() -> None:
+    bare = Task(id="gen_000000000001", status=TaskStatus.FAILED, created_at=T0)
+    told = Task(id="gen_000000000002", status=TaskStatus.FAILED, error="moderation", created_at=T0)
+    lister = FakeLister([bare, told])
+    board = PollBoard(lambda: lister)
+    for t in (bare, told):
+        board.register(t.id, T0)
+    got = poll_all(board, [bare.id, told.id])
+    assert got[0] is None and got[1] is not None and got[1].error == "moderation"
 
 
 def test_board_stops_batching_when_pages_never_hold_the_wanted_tasks() -> None:
@@ -159,6 +198,8 @@ def test_board_stops_batching_when_pages_never_hold_the_wanted_tasks() -> None:
     asked = len(lister.pages)
     assert board.poll(ids[0], 0.01, 0.01) is None
     assert len(lister.pages) == asked  # no more list requests
+    board.stats.paused_until = time.monotonic()  # the pause is over
+    assert board.crowded
 
 
 def test_idle_board_thread_exits_and_closes_its_client(monkeypatch: pytest.MonkeyPatch) -> None:

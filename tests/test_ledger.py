@@ -123,6 +123,27 @@ def test_two_candidates_fail_loudly_with_evidence(store, client, emulator):
     assert len(emulator.created_tasks()) == 2  # nothing new was posted
 
 
+def test_an_ambiguous_sibling_fails_the_submit_at_once_rather_than_after_a_wait(
+    store, client, emulator
+):
+    # An earlier submit of the same model, left ambiguous in this window: it cannot settle while
+    # this one holds the lane, so there is nothing to wait for; adopting could take its task.
+    key = put_dead_owner_claim(store, "left-ambiguous", sent_seconds_ago=1)
+    entry = store.get(key)
+    assert entry is not None
+    entry.state = EntryState.AMBIGUOUS
+    store.put(entry)
+    emulator.add_fault("error_after_create", status=502, times=1)
+    started = time.monotonic()
+    with pytest.raises(ReconciliationError) as caught:
+        Submitter(client, store, settle_seconds=0.2, sibling_wait_seconds=30).submit(
+            GenerateRequest(model="nanobanana", prompt="the new one"), logical_key="new"
+        )
+    assert time.monotonic() - started < 15  # not the 30 s sibling wait
+    assert "concurrent submit" in caught.value.evidence
+    assert len(emulator.created_tasks()) == 1  # and no second payment
+
+
 def test_budget_is_shared_by_all_submitters_of_a_scope(store, client, emulator):
     pro4k = dict(model="nanobanana-pro", resolution="4k")
     done = 0

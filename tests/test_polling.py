@@ -107,6 +107,13 @@ def test_aimed_delay_never_exceeds_one_expected_lifetime() -> None:
     assert sched.next_delay(TaskStatus.PENDING, age=0.0) == pytest.approx(3.5 * 1.05 + 0.1)
 
 
+def test_an_outlier_in_the_learned_average_cannot_park_waits() -> None:
+    stats = DurationStats()
+    stats.observe(finished(queue=600, processing=10))  # one task stuck in the queue
+    sched = PollSchedule(PollPolicy(jitter=0, max_interval=5), stats)
+    assert sched.next_delay(TaskStatus.PENDING, age=1.0) == 20  # 4 x max_interval, not ~640 s
+
+
 def test_short_expected_totals_poll_late_tasks_more_often() -> None:
     stats = DurationStats()
     stats.observe(finished(queue=0.2, processing=2.8))

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -176,6 +177,47 @@ def test_dedupe_survives_a_receiver_restart(fake: FakeProcessor, tmp_path: Path)
         assert response.json() == {"status": "duplicate"}
     fake.wait_calls(1)
     assert len(fake.calls) == 1
+
+
+def test_a_delivery_whose_signal_could_not_be_written_can_be_redelivered(
+    fake: FakeProcessor, tmp_path: Path
+) -> None:
+    class FlakySignals(SQLiteSignals):
+        fail = True
+
+        def signal(self, task_id: str, status: str, **kw: Any) -> bool:
+            if self.fail:
+                self.fail = False
+                raise sqlite3.OperationalError("database is locked")
+            return super().signal(task_id, status, **kw)
+
+    rec = WebhookReceiver([SECRET], processor=fake, signals=FlakySignals(tmp_path / "s.sqlite"))
+    with serve_asgi(rec.app) as url:
+        body, headers = signed(payload(), ts=int(time.time()) - 1)
+        assert httpx.post(url + rec.path, content=body, headers=headers).status_code == 202
+        wait_stat(rec, "signal_failed")
+        body, headers = signed(payload())
+        again = httpx.post(url + rec.path, content=body, headers=headers)
+        assert again.status_code == 202  # not "duplicate": nothing was recorded
+        wait_stat(rec, "processed")
+    assert rec.signals is not None and rec.signals.has("gen_aaaaaaaaaaaa", "completed")
+
+
+def test_signal_files_of_an_older_version_gain_the_task_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE signals (task_id TEXT NOT NULL, status TEXT NOT NULL, event TEXT, "
+            "received_at REAL NOT NULL, PRIMARY KEY (task_id, status))"
+        )
+        conn.execute("INSERT INTO signals VALUES ('gen_old000000001', 'completed', NULL, 1.0)")
+    signals = SQLiteSignals(path)
+    assert signals.has("gen_old000000001", "completed")
+    assert signals.confirmed("gen_old000000001") is None  # no task recorded: the wait GETs
+    task = Task(id="gen_new000000001", status=TaskStatus.COMPLETED)
+    assert signals.signal(task.id, "completed", task=task)
+    assert signals.confirmed(task.id) == task
+    SQLiteSignals(path)  # opening it again is fine
 
 
 def test_unconfirmed_delivery_can_be_redelivered(

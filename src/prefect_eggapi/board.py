@@ -5,12 +5,14 @@ is most of its requests and most of its rate limit. Every wait of an account in 
 hands its next poll to the account's board, with the time it is due and how much earlier it may
 run (its slack). When the earliest poll falls due, the board serves every poll whose slack has
 begun with one list page (newest first, 100 tasks; more pages only while the wanted tasks may be
-further down). A poll the page does not answer gets ``None`` and its wait reads the task itself,
-so the board can only save requests, never lose a task. A lone poll is not batched.
+further down). A poll the page does not answer, or that a failed list could not (the board's
+client does not retry), gets ``None`` and its wait reads the task itself, so the board can only
+save requests, never lose a task. A lone poll is not batched.
 
 Section 17 of the API notes assumes list items have the shape of ``GET /v1/tasks/{id}`` and come
 newest first. Should the real API disagree (pages that never hold the wanted tasks, or completed
-items without output URLs), the board stops batching for the account after a few such pages.
+items without output URLs), the board stops batching for the account for a while after a few
+pages that reached back past the wanted tasks without holding them.
 
 No Prefect imports.
 """
@@ -33,8 +35,10 @@ log = logging.getLogger(__name__)
 
 PER_PAGE = 100
 MAX_PAGES = 3
-MAX_MISSES = 3  # consecutive pages answering none of the wanted tasks before giving up
+MAX_MISSES = 3  # consecutive lists answering none of the wanted tasks before pausing
+PAUSE_SECONDS = 300.0  # how long batching pauses after that
 IDLE_EXIT_SECONDS = 30.0
+GRACE_SECONDS = 15.0  # a poll not served this long after it fell due is handed back
 # Listed tasks newer than this before a wanted one's creation still count as "not past it yet".
 CREATED_SKEW = timedelta(seconds=5)
 
@@ -60,13 +64,21 @@ class BoardStats:
     lists: int = 0  # list requests made
     served: int = 0  # polls answered from a list page
     unanswered: int = 0  # polls handed back to their wait (alone, not listed, or an error)
-    disabled: bool = False
+    paused_until: float = 0.0  # time.monotonic() until which batching is off
     by_batch: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def disabled(self) -> bool:
+        return time.monotonic() < self.paused_until
 
 
 def _usable(task: Task) -> bool:
-    """A completed item without output URLs is not the shape we rely on: read it with GET."""
-    return task.status is not TaskStatus.COMPLETED or bool(task.output_urls)
+    """Items missing what a GET would show (URLs, the error) are read with GET instead."""
+    if task.status is TaskStatus.COMPLETED:
+        return bool(task.output_urls)
+    if task.status is TaskStatus.FAILED:
+        return bool(task.error)
+    return True
 
 
 class PollBoard:
@@ -80,7 +92,8 @@ class PollBoard:
     def __init__(self, connect: Callable[[], Lister]) -> None:
         self._connect = connect
         self._cond = threading.Condition()
-        self._waits: dict[str, datetime | None] = {}  # registered task id -> created_at
+        # registered task id -> (waits on it, created_at)
+        self._waits: dict[str, tuple[int, datetime | None]] = {}
         self._asks: list[_Ask] = []
         self._thread: threading.Thread | None = None
         self._misses = 0
@@ -90,16 +103,19 @@ class PollBoard:
 
     def register(self, task_id: str, created_at: datetime | None) -> None:
         with self._cond:
-            self._waits[task_id] = created_at
+            count, known = self._waits.get(task_id, (0, None))
+            self._waits[task_id] = (count + 1, created_at or known)
 
     def unregister(self, task_id: str) -> None:
         with self._cond:
-            self._waits.pop(task_id, None)
+            count, created = self._waits.pop(task_id, (0, None))
+            if count > 1:
+                self._waits[task_id] = (count - 1, created)
 
     @property
     def crowded(self) -> bool:
         """Worth batching: two or more waits of the account are in flight here."""
-        return not self.stats.disabled and len(self._waits) >= 2
+        return not self.stats.disabled and sum(n for n, _ in self._waits.values()) >= 2
 
     def poll(self, task_id: str, delay: float, slack: float) -> Task | None:
         """Block until the poll is served: the task from a list page, or None (GET it)."""
@@ -111,7 +127,7 @@ class PollBoard:
             done.set()
 
         ask = self._ask(task_id, delay, slack, deliver)
-        if not done.wait(delay + 60.0):  # the board thread died: never hang a wait on it
+        if not done.wait(delay + GRACE_SECONDS):  # never hang a wait on a stuck board
             self._cancel(ask)
             return None
         return box[0]
@@ -131,7 +147,7 @@ class PollBoard:
 
         ask = self._ask(task_id, delay, slack, deliver)
         try:
-            return await asyncio.wait_for(future, delay + 60.0)
+            return await asyncio.wait_for(future, delay + GRACE_SECONDS)
         except TimeoutError:
             return None
         finally:
@@ -146,7 +162,7 @@ class PollBoard:
         ask = _Ask(task_id, now + delay, now + max(0.0, delay - slack), deliver)
         with self._cond:
             self._asks.append(ask)
-            if self._thread is None:
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="eggapi-poll-board", daemon=True
                 )
@@ -163,10 +179,14 @@ class PollBoard:
         try:
             lister = self._connect()
             self._loop(lister)
-        except Exception:  # pragma: no cover - the waits time out of poll() and GET themselves
+        except Exception:  # the waits read their tasks themselves
             log.exception("the poll board stopped")
             with self._cond:
                 self._thread = None
+                stranded, self._asks = self._asks, []
+            for ask in stranded:
+                with contextlib.suppress(Exception):
+                    ask.deliver(None)
         finally:
             if lister is not None:
                 with contextlib.suppress(Exception):
@@ -189,7 +209,7 @@ class PollBoard:
                     continue
                 batch = [ask for ask in self._asks if ask.earliest <= now]
                 self._asks = [ask for ask in self._asks if ask.earliest > now]
-                created = {ask.task_id: self._waits.get(ask.task_id) for ask in batch}
+                created = {ask.task_id: self._waits.get(ask.task_id, (0, None))[1] for ask in batch}
             self._serve(lister, batch, created)
             idle_since = time.monotonic()
 
@@ -216,29 +236,36 @@ class PollBoard:
         known = [c for c in created.values() if c is not None]
         oldest = min(known) - CREATED_SKEW if known else None
         found: dict[str, Task] = {}
+        reached_back = False  # the pages read went past every wanted task's creation
         for page in range(1, MAX_PAGES + 1):
             try:
                 result = lister.list_tasks(page, PER_PAGE)
             except Exception as exc:  # the waits read their tasks themselves
                 log.debug("list page %d failed: %r", page, exc)
-                break
+                return found  # an outage is not evidence against the list
             self.stats.lists += 1
             for item in result.items:
                 if item.id in wanted and _usable(item):
                     found[item.id] = item
-            if len(found) == len(wanted) or page >= result.pagination.total_pages:
-                break
             last = result.items[-1].created_at if result.items else None
-            if last is None or oldest is None or last < oldest:
-                break  # the wanted tasks are not further down
-        self._misses = 0 if found else self._misses + 1
-        if self._misses >= MAX_MISSES:
-            self.stats.disabled = True
-            log.warning(
-                "GET /v1/tasks pages did not hold the tasks being waited for %d times in a row; "
-                "polling each task with GET /v1/tasks/{id} from now on",
-                MAX_MISSES,
+            reached_back = page >= result.pagination.total_pages or (
+                last is not None and oldest is not None and last < oldest
             )
+            if len(found) == len(wanted) or reached_back or last is None or oldest is None:
+                break
+        if found:
+            self._misses = 0
+        elif reached_back:
+            self._misses += 1
+            if self._misses >= MAX_MISSES:
+                self._misses = 0
+                self.stats.paused_until = time.monotonic() + PAUSE_SECONDS
+                log.warning(
+                    "GET /v1/tasks pages did not hold the tasks being waited for %d times in a "
+                    "row; polling each task with GET /v1/tasks/{id} for %.0f s",
+                    MAX_MISSES,
+                    PAUSE_SECONDS,
+                )
         return found
 
 

@@ -67,6 +67,7 @@ DEFAULT_BASE_URL = "https://api.eggapi.ai"
 FRESH_TASK_SECONDS = 2.0
 # Longest unaimed sleep of a wait whose polls share list pages (see _Wait.next_sleep).
 SHARED_POLL_CAP = 2.0
+BOARD_TIMEOUT_SECONDS = 10.0
 DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=30.0)
 DEFAULT_WAIT_TIMEOUT = 300.0
 DOWNLOAD_CHUNK = 64 * 1024
@@ -315,11 +316,12 @@ class _BaseClient:
             return None
 
         def connect() -> EggAPIClient:
+            # No retries and a short timeout: a failed page just sends each wait to its own GET.
             return EggAPIClient(
                 self._api_key,
                 self.base_url,
-                timeout=self.timeout,
-                retry=self.retry,
+                timeout=httpx.Timeout(BOARD_TIMEOUT_SECONDS, connect=5.0),
+                retry=RetryPolicy(max_retries=0),
                 rate_limit=self.limiter,
                 user_agent=self._headers["User-Agent"],
             )

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from prefect_eggapi.models import Task, TaskStatus
 
+AIM_CAP_INTERVALS = 4  # an aimed sleep is at most this many max_intervals
+
 
 @dataclass(frozen=True)
 class PollPolicy:
@@ -125,8 +127,11 @@ class PollSchedule:
         p = self._policy
         target = expected * (1 + p.completion_margin) + 0.1
         if age < target and self._overdue is None:
-            # never longer than one whole expected lifetime, whatever the clocks say
-            return max(p.min_interval, min(target - age, target))
+            # Never longer than one expected lifetime, whatever the clocks say, nor than a few
+            # max intervals, so one outlier in the learned average cannot park every wait.
+            return max(
+                p.min_interval, min(target - age, target, AIM_CAP_INTERVALS * p.max_interval)
+            )
         if self._overdue is None:
             self._overdue = min(p.initial_interval, max(p.min_interval, 0.1 * expected))
         else:

@@ -310,6 +310,9 @@ class WebhookReceiver:
             return True
 
     def _first_delivery(self, task_id: str, status: str) -> bool:
+        # A recorded signal means an earlier run of this receiver already took this delivery.
+        if self.signals is not None and self.signals.has(task_id, status):
+            return False
         key = (task_id, status)
         with self._lock:
             if key in self._seen:
@@ -317,9 +320,7 @@ class WebhookReceiver:
             self._seen[key] = None
             if len(self._seen) > _MAX_REMEMBERED:
                 self._seen.popitem(last=False)
-        # A recorded signal means an earlier run of this receiver already took this delivery.
-        recorded = self.signals.get(task_id) if self.signals is not None else []
-        return all(signal.status != status for signal in recorded)
+        return True
 
     def _forget(self, task_id: str, status: str) -> None:
         with self._lock:
@@ -346,9 +347,19 @@ class WebhookReceiver:
             return
         if self.signals is not None:
             # Wakes the waits with the task just read, so they need no GET of their own.
-            self.signals.signal(
-                task.id, task.status.value, event=payload.event, received_at=received_at, task=task
-            )
+            try:
+                self.signals.signal(
+                    task.id,
+                    task.status.value,
+                    event=payload.event,
+                    received_at=received_at,
+                    task=task,
+                )
+            except Exception as exc:
+                self._forget(payload.task_id, status)  # a redelivery may try again
+                self._count("signal_failed")
+                log.warning("could not record the signal of %s: %s", task.id, type(exc))
+                return
         self._count("processed")
         log.info(
             "task %s is %s (webhook %s, %.3fs after receipt)",

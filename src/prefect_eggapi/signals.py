@@ -177,7 +177,11 @@ class SQLiteSignals:
             conn.execute(_SCHEMA)
             columns = {row[1] for row in conn.execute("PRAGMA table_info(signals)")}
             if "task" not in columns:  # a file written by an older version
-                conn.execute("ALTER TABLE signals ADD COLUMN task TEXT")
+                try:
+                    conn.execute("ALTER TABLE signals ADD COLUMN task TEXT")
+                except sqlite3.OperationalError as exc:  # another process just added it
+                    if "duplicate column" not in str(exc):
+                        raise
         self._watcher = _watcher(str(resolved.resolve()), poll_interval)
 
     def __repr__(self) -> str:
@@ -268,6 +272,14 @@ class SQLiteSignals:
             if signal.task is not None and signal.task.is_terminal:
                 return signal.task
         return None
+
+    def has(self, task_id: str, status: str) -> bool:
+        """Whether ``(task_id, status)`` was recorded (the receiver's durable dedupe)."""
+        with self._db() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM signals WHERE task_id = ? AND status = ? LIMIT 1", (task_id, status)
+            )
+            return row.fetchone() is not None
 
     def is_signalled(self, task_id: str) -> bool:
         with self._db() as conn:

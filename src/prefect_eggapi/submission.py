@@ -70,13 +70,16 @@ class _Plan:
     entry: LedgerEntry
 
 
-_LANES: dict[tuple[str, str, str, int], threading.BoundedSemaphore] = {}
+_LANES: dict[tuple[str, str, str], threading.BoundedSemaphore] = {}
 _LANES_LOCK = threading.Lock()
 
 
 def submit_lane(account: str, model: str, task_type: str, width: int = 1) -> threading.Semaphore:
-    """The process-wide gate for POSTs that a lost answer could confuse with each other."""
-    ident = (account, model, task_type, width)
+    """The process-wide gate for POSTs that a lost answer could confuse with each other.
+
+    One per (account, model, type): the first caller's ``width`` holds for the process.
+    """
+    ident = (account, model, task_type)
     with _LANES_LOCK:
         if ident not in _LANES:
             _LANES[ident] = threading.BoundedSemaphore(width)
@@ -303,10 +306,11 @@ class Submitter:
             siblings = self._siblings(entry, sent_at - skew, failed_at + skew)
             if result.task is None or not siblings:
                 break
+            in_flight = any(other.state is EntryState.SUBMITTING for other in siblings)
             # The one candidate may belong to a concurrent submit of ours whose answer has not
             # been recorded yet (or that is itself ambiguous): the task list shows no prompt, so
             # adopting now could give this item another item's image. Let them settle first.
-            if time.monotonic() > deadline:
+            if not in_flight or time.monotonic() > deadline:  # ambiguous ones stay ambiguous
                 result.task = None
                 result.evidence.note = (
                     f"{len(siblings)} concurrent submit(s) of the same model are unresolved "
