@@ -20,7 +20,7 @@ from prefect_eggapi.ledger import (
     ledger_key,
 )
 from prefect_eggapi.models import GenerateRequest
-from prefect_eggapi.submission import Submitter
+from prefect_eggapi.submission import Lane, Submitter
 
 pytestmark = pytest.mark.integration
 
@@ -203,3 +203,20 @@ def test_default_ledger_from_s3_uri(local_s3, s3_bucket, monkeypatch, client, em
     monkeypatch.setenv("EGGAPI_LEDGER_URI", "gs://nope")
     with pytest.raises(ValueError, match="EGGAPI_LEDGER_URI"):
         default_ledger()
+
+
+def test_a_lane_counts_everyones_posts_against_each_submitters_width():
+    lane = Lane()
+    done: list[str] = []
+
+    def narrow() -> None:
+        with lane.hold(1):
+            done.append("narrow")
+
+    with lane.hold(2), lane.hold(2):  # a second wide submitter may join the first
+        waiter = threading.Thread(target=narrow)
+        waiter.start()
+        waiter.join(0.3)
+        assert waiter.is_alive() and done == []  # width 1: waits while anyone is in flight
+    waiter.join(5)
+    assert done == ["narrow"]

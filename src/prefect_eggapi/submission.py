@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -70,19 +72,39 @@ class _Plan:
     entry: LedgerEntry
 
 
-_LANES: dict[tuple[str, str, str], threading.BoundedSemaphore] = {}
+class Lane:
+    """POSTs of one (account, model, type) in flight in this process, whose answers a lost 202
+    could confuse with each other. Each submitter brings its own width: it enters only while
+    fewer than that many POSTs (anyone's) are in flight."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._in_flight = 0
+
+    @contextmanager
+    def hold(self, width: int) -> Iterator[None]:
+        with self._cond:
+            while self._in_flight >= width:
+                self._cond.wait()
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._in_flight -= 1
+                self._cond.notify_all()
+
+
+_LANES: dict[tuple[str, str, str], Lane] = {}
 _LANES_LOCK = threading.Lock()
 
 
-def submit_lane(account: str, model: str, task_type: str, width: int = 1) -> threading.Semaphore:
-    """The process-wide gate for POSTs that a lost answer could confuse with each other.
-
-    One per (account, model, type): the first caller's ``width`` holds for the process.
-    """
+def submit_lane(account: str, model: str, task_type: str) -> Lane:
+    """The process's lane of ``(account, model, type)``."""
     ident = (account, model, task_type)
     with _LANES_LOCK:
         if ident not in _LANES:
-            _LANES[ident] = threading.BoundedSemaphore(width)
+            _LANES[ident] = Lane()
         return _LANES[ident]
 
 
@@ -212,7 +234,7 @@ class Submitter:
             estimate=estimate_cost(request),
         )
         wait_until = time.monotonic() + self.lease_seconds + 5
-        lane = submit_lane(self.client.account, request.model, request.task_type, self.lane_width)
+        lane = submit_lane(self.client.account, request.model, request.task_type)
 
         def decide() -> _Plan:
             with self.ledger.transaction():
@@ -225,7 +247,7 @@ class Submitter:
         while True:
             # Claim inside the lane, so the lease and the reconciliation window start when the
             # POST really can, not while queueing behind other submits.
-            with lane:
+            with lane.hold(self.lane_width):
                 plan = with_conflict_retry(decide)
                 if plan.action == "post":
                     return self._post(request, plan.entry, resubmit=True)
