@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -65,7 +65,6 @@ class BoardStats:
     served: int = 0  # polls answered from a list page
     unanswered: int = 0  # polls handed back to their wait (alone, not listed, or an error)
     paused_until: float = 0.0  # time.monotonic() until which batching is off
-    by_batch: dict[int, int] = field(default_factory=dict)
 
     @property
     def disabled(self) -> bool:
@@ -219,7 +218,6 @@ class PollBoard:
         found: dict[str, Task] = {}
         if len(created) >= 2 and not self.stats.disabled:
             found = self._list(lister, created)
-        self.stats.by_batch[len(batch)] = self.stats.by_batch.get(len(batch), 0) + 1
         for ask in batch:
             task = found.get(ask.task_id)
             if task is None:

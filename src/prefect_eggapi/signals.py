@@ -13,8 +13,9 @@ some wait is pending, and wakes the waiters of the task ids it finds. A signal w
 same process wakes its waiters at once. Hundreds of concurrent waits cost one indexed query per
 interval, not one each.
 
-The table doubles as the receiver's durable deduplication record: :meth:`SQLiteSignals.signal`
-returns False when ``(task_id, status)`` was already recorded, also across receiver restarts.
+The table doubles as the receiver's durable deduplication record (:meth:`SQLiteSignals.has`),
+also across receiver restarts: a row is written only once a delivery was confirmed, so one that
+failed on the way leaves nothing behind and its redelivery counts.
 """
 
 from __future__ import annotations
@@ -227,16 +228,6 @@ class SQLiteSignals:
         if new:
             self._watcher.notify(task_id)
         return new
-
-    def forget(self, task_id: str, status: str | None = None) -> None:
-        """Drop a signal (e.g. when its processing failed and a redelivery should count)."""
-        with self._db() as conn:
-            if status is None:
-                conn.execute("DELETE FROM signals WHERE task_id = ?", (task_id,))
-            else:
-                conn.execute(
-                    "DELETE FROM signals WHERE task_id = ? AND status = ?", (task_id, status)
-                )
 
     def prune(self, older_than_seconds: float) -> int:
         """Delete signals received more than ``older_than_seconds`` ago; returns how many."""
