@@ -13,12 +13,10 @@ import platform
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +24,10 @@ from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+sys.path.insert(0, str(REPO / "tests"))  # the uvicorn-in-a-thread helper the tests use
+# serve_asgi is re-exported for the benches
+from asgi_server import free_port, serve_asgi  # noqa: E402, F401
+
 PY = sys.executable
 # Loud, per-request client logs would dominate a 2-core machine; the flows still log to the API.
 QUIET_ENV = {
@@ -117,12 +119,6 @@ def machine_info() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cpu_seconds(who: int = resource.RUSAGE_SELF) -> float:
@@ -251,29 +247,6 @@ def write_manifest(path: Path, n: int, tag: str) -> str:
     ]
     path.write_text("\n".join(lines) + "\n")
     return str(path)
-
-
-@contextlib.contextmanager
-def serve_app(app: Any) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn on a free loopback port, in a thread."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 # --------------------------------------------------------------------------- a real server

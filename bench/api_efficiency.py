@@ -33,7 +33,7 @@ from _common import (
     p50_p95,
     prefect_env,
     run_child,
-    serve_app,
+    serve_asgi,
 )
 
 SECRET = "whsec_bench_api_efficiency"
@@ -72,7 +72,7 @@ def measure(
                 ),
                 signals=signals,
             )
-            with serve_app(receiver.app) as url:
+            with serve_asgi(receiver.app) as url:
                 modes = ["polling", "webhooks"]
                 if seconds == processing[0]:
                     modes.append(TWO_OUTPUTS)  # the re-read and the submit spread over 2 images

@@ -20,7 +20,7 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from _common import serve_app
+from _common import serve_asgi
 
 from prefect_eggapi.client import EggAPIClient
 from prefect_eggapi.credentials import EggAPICredentials
@@ -111,7 +111,7 @@ def main() -> None:
             ),
             signals=signals,
         )
-        with serve_app(receiver.app) as url:
+        with serve_asgi(receiver.app) as url:
             polling = run_mode(emulator, POLL_KEY, args.tasks, None, None)
             webhook = run_mode(
                 emulator, HOOK_KEY, args.tasks, url + receiver.path, signals, BACKSTOP

@@ -714,8 +714,9 @@ def run_chaos(
     crashes: list[str] = []
     summary = None
     batch_started = time.monotonic()
-    for attempt in range(3):
-        state = asyncio.run(
+
+    def run_batch() -> Any:
+        return asyncio.run(
             _batch_state(
                 manifest=path,
                 concurrency=concurrency,
@@ -725,6 +726,9 @@ def run_chaos(
                 fail_on_item_error=False,
             )
         )
+
+    for attempt in range(3):
+        state = run_batch()
         run_id, summary, exc = _flow_outcome(state)
         flow_runs.append(run_id)
         if exc is None:
@@ -750,17 +754,7 @@ def run_chaos(
 
     # A rerun of the finished batch pays for nothing.
     before = len(emulator.created_tasks(api_key))
-    state = asyncio.run(
-        _batch_state(
-            manifest=path,
-            concurrency=concurrency,
-            prefix=prefix,
-            run_key=run_key,
-            credentials_block=block,
-            fail_on_item_error=False,
-        )
-    )
-    run_id, _, _ = _flow_outcome(state)
+    run_id, _, _ = _flow_outcome(run_batch())
     flow_runs.append(run_id)
     rerun_new = len(emulator.created_tasks(api_key)) - before
     # The invariants are about the final state: after that rerun (items that failed on a

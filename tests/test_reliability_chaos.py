@@ -171,9 +171,9 @@ def test_an_ambiguous_submit_never_adopts_a_sibling_task_in_flight(
         assert a.task.id != b_task, f"A adopted B's task {b_task}"  # type: ignore[attr-defined]
 
 
-def test_a_short_s3_outage_while_recording_an_item_does_not_crash_the_batch(
-    eggapi_env, local_s3, s3_bucket, monkeypatch, tmp_path
-):
+@pytest.fixture
+def s3_proxy(eggapi_env, local_s3, s3_bucket, monkeypatch):
+    """The flows' S3 (bucket ``s3_bucket``, prefix ``out``) behind a proxy that can go away."""
     proxy = HoldingProxy(local_s3.endpoint_url)
     try:
         for name, value in local_s3.env().items():
@@ -182,17 +182,23 @@ def test_a_short_s3_outage_while_recording_an_item_does_not_crash_the_batch(
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         monkeypatch.setenv("EGGAPI_S3_BUCKET", s3_bucket)
         monkeypatch.setenv("EGGAPI_S3_PREFIX", "out")
-        path = write_manifest(
-            tmp_path / "m.jsonl",
-            [{"id": f"o-{i}", "prompt": f"outage item {i}"} for i in range(2)],
-        )
-        # S3 goes away for 4 s exactly when the first item status object is written.
-        proxy.arm(f"PUT /{s3_bucket}/out/batches/outage/items/", outage_seconds=4)
-        summary = asyncio.run(batch_generate(manifest=path, concurrency=1, run_key="outage"))
-        assert proxy.hit.is_set() and proxy.refused >= 1
-        assert summary.persisted == 2 and summary.failed == 0
+        yield proxy
     finally:
         proxy.close()
+
+
+def test_a_short_s3_outage_while_recording_an_item_does_not_crash_the_batch(
+    s3_proxy, s3_bucket, tmp_path
+):
+    path = write_manifest(
+        tmp_path / "m.jsonl",
+        [{"id": f"o-{i}", "prompt": f"outage item {i}"} for i in range(2)],
+    )
+    # S3 goes away for 4 s exactly when the first item status object is written.
+    s3_proxy.arm(f"PUT /{s3_bucket}/out/batches/outage/items/", outage_seconds=4)
+    summary = asyncio.run(batch_generate(manifest=path, concurrency=1, run_key="outage"))
+    assert s3_proxy.hit.is_set() and s3_proxy.refused >= 1
+    assert summary.persisted == 2 and summary.failed == 0
 
 
 def _two_overlapping_lost_answers(
@@ -248,26 +254,16 @@ def test_wider_lanes_fail_overlapping_lost_answers_loudly_never_wrongly(
 
 
 def test_an_s3_outage_during_the_output_upload_does_not_fail_the_item(
-    eggapi_env, local_s3, s3_bucket, monkeypatch, tmp_path
+    s3_proxy, eggapi_env, s3_bucket, tmp_path
 ):
-    proxy = HoldingProxy(local_s3.endpoint_url)
-    try:
-        for name, value in local_s3.env().items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        monkeypatch.setenv("EGGAPI_S3_BUCKET", s3_bucket)
-        monkeypatch.setenv("EGGAPI_S3_PREFIX", "out")
-        path = write_manifest(tmp_path / "m.jsonl", [{"id": "u-0", "prompt": "upload outage"}])
-        # S3 goes away for 15 s exactly when the image upload starts (a slow restart).
-        proxy.arm(f"PUT /{s3_bucket}/out/gen_", outage_seconds=15)
-        summary = asyncio.run(
-            batch_generate(
-                manifest=path, concurrency=1, run_key="upload-outage", fail_on_item_error=False
-            )
+    path = write_manifest(tmp_path / "m.jsonl", [{"id": "u-0", "prompt": "upload outage"}])
+    # S3 goes away for 15 s exactly when the image upload starts (a slow restart).
+    s3_proxy.arm(f"PUT /{s3_bucket}/out/gen_", outage_seconds=15)
+    summary = asyncio.run(
+        batch_generate(
+            manifest=path, concurrency=1, run_key="upload-outage", fail_on_item_error=False
         )
-        assert proxy.hit.is_set() and proxy.refused >= 1  # the outage really happened
-        assert len(eggapi_env.created_tasks()) == 1  # and nothing was paid twice meanwhile
-        assert summary.persisted == 1 and summary.failed == 0, summary
-    finally:
-        proxy.close()
+    )
+    assert s3_proxy.hit.is_set() and s3_proxy.refused >= 1  # the outage really happened
+    assert len(eggapi_env.created_tasks()) == 1  # and nothing was paid twice meanwhile
+    assert summary.persisted == 1 and summary.failed == 0, summary
