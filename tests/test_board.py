@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -62,8 +64,77 @@ class FakeLister:
         self.closed.set()
 
 
-def poll_all(board: PollBoard, ids: list[str], delay: float = 0.05) -> list[Task | None]:
-    """Poll every id at once from its own thread (as concurrent waits do)."""
+class BoardCondition(threading.Condition):
+    """A board's lock, telling the test each time the board thread goes to sleep on it.
+
+    The board reads the clock, takes what is due and serves it, then sleeps on this condition;
+    it reads the clock and decides under this lock in the same hold as the sleep. So a sleep
+    counted after the test moved the clock (under this lock too) shows that the board has acted
+    on the new time: whatever was due by then has been served and handed to its wait.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sleeps = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if threading.current_thread().name == "eggapi-poll-board":
+            self.sleeps += 1
+            self.notify_all()  # wake the test waiting for the board to settle
+        return super().wait(timeout)
+
+    def notify(self, n: int = 1) -> None:
+        # wake everyone (notify_all lands here too): a test waiting on this condition must not
+        # swallow the wake-up a new poll sends the board
+        super().notify(sys.maxsize)
+
+
+class FakeClock:
+    """``time.monotonic`` of the board module: time moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def watch(self, board: PollBoard) -> PollBoard:
+        """Let the test see when ``board`` (not started yet) has acted on the clock."""
+        board._cond = BoardCondition()
+        return board
+
+    def set(self, board: PollBoard, now: float) -> None:
+        """Move to ``now``; return once the board thread has acted on that time."""
+        cond = board._cond
+        assert isinstance(cond, BoardCondition), "watch() the board first"
+        with cond:
+            self.now = now
+            sleeps = cond.sleeps
+            cond.notify_all()
+            assert cond.wait_for(lambda: cond.sleeps > sleeps, 10), "the board did not settle"
+
+    def wait_pending(self, board: PollBoard, n: int) -> None:
+        """Return once ``n`` polls are waiting on the board (none served yet)."""
+        with board._cond:
+            assert board._cond.wait_for(lambda: len(board._asks) >= n, 10), board._asks
+            assert len(board._asks) == n, board._asks
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(board_module, "time", fake)
+    return fake
+
+
+def poll_all(
+    board: PollBoard, clock: FakeClock, ids: list[str], delay: float = 0.05
+) -> list[Task | None]:
+    """Poll every id at once from its own thread (as concurrent waits do).
+
+    The clock stands still until every poll is on the board, so they all fall due together; it
+    then moves halfway (nothing may be served yet) and on to when they are due.
+    """
     out: dict[str, Task | None] = {}
     threads = [
         threading.Thread(target=lambda i=i: out.__setitem__(i, board.poll(i, delay, delay)))
@@ -71,19 +142,28 @@ def poll_all(board: PollBoard, ids: list[str], delay: float = 0.05) -> list[Task
     ]
     for t in threads:
         t.start()
+    clock.wait_pending(board, len(ids))
+    handled = board.stats.served + board.stats.unanswered
+    start = clock.now
+    clock.set(board, start + delay / 2)
+    assert board.stats.served + board.stats.unanswered == handled  # not before they are due
+    assert len(board._asks) == len(ids)
+    clock.set(board, start + delay)
+    assert board.stats.served + board.stats.unanswered == handled + len(ids)  # all at once
     for t in threads:
         t.join(10)
+        assert not t.is_alive()
     return [out[i] for i in ids]
 
 
-def test_crowded_polls_are_served_by_one_list_page() -> None:
+def test_crowded_polls_are_served_by_one_list_page(clock: FakeClock) -> None:
     lister = FakeLister([task(i, "completed" if i % 2 else "processing") for i in range(10)])
-    board = PollBoard(lambda: lister)
+    board = clock.watch(PollBoard(lambda: lister))
     ids = [f"gen_{i:012d}" for i in (2, 3, 7)]
     for i, tid in zip((2, 3, 7), ids, strict=True):
         board.register(tid, T0 + timedelta(seconds=i))
     assert board.crowded
-    results = poll_all(board, ids, delay=0.2)
+    results = poll_all(board, clock, ids, delay=0.2)
     assert [t.id if t else None for t in results] == ids
     assert [t.status.value for t in results if t] == ["processing", "completed", "completed"]
     assert lister.pages == [1]
@@ -99,56 +179,56 @@ def test_a_lone_wait_is_not_crowded_and_a_lone_poll_is_handed_back() -> None:
     assert lister.pages == []
 
 
-def test_tasks_missing_from_the_page_or_without_urls_are_handed_back() -> None:
+def test_tasks_missing_from_the_page_or_without_urls_are_handed_back(clock: FakeClock) -> None:
     lister = FakeLister([task(1, "completed", urls=False), task(2)])
-    board = PollBoard(lambda: lister)
+    board = clock.watch(PollBoard(lambda: lister))
     ids = ["gen_000000000001", "gen_000000000002", "gen_000000000099"]
     for tid in ids:
         board.register(tid, T0)
-    got = poll_all(board, ids)
+    got = poll_all(board, clock, ids)
     # a completed item without output URLs is not trusted; an unknown id is not invented
     assert [t.id if t else None for t in got] == [None, "gen_000000000002", None]
 
 
-def test_pages_further_down_only_while_wanted_tasks_can_be_there() -> None:
+def test_pages_further_down_only_while_wanted_tasks_can_be_there(clock: FakeClock) -> None:
     tasks = [task(i) for i in range(250)]  # newest first: 249 .. 0
     lister = FakeLister(tasks)
-    board = PollBoard(lambda: lister)
+    board = clock.watch(PollBoard(lambda: lister))
     deep = ["gen_000000000120", "gen_000000000248"]  # page 2 and page 1
     for tid, i in zip(deep, (120, 248), strict=True):
         board.register(tid, T0 + timedelta(seconds=i))
-    assert all(poll_all(board, deep))
+    assert all(poll_all(board, clock, deep))
     assert lister.pages == [1, 2]
     # a task older than anything listed on page 1 minus the skew stops the paging early
     lister.pages.clear()
     new = [task(i) for i in range(1000, 1100)]
     lister2 = FakeLister([*new, task(5)])
-    board2 = PollBoard(lambda: lister2)
+    board2 = clock.watch(PollBoard(lambda: lister2))
     for tid, when in (("gen_000000000005", 5), ("gen_000000001099", 1099)):
         board2.register(tid, T0 + timedelta(seconds=when))
-    got = poll_all(board2, ["gen_000000000005", "gen_000000001099"])
+    got = poll_all(board2, clock, ["gen_000000000005", "gen_000000001099"])
     assert got[1] is not None
     assert lister2.pages == [1, 2]  # page 1 ends at 1000 s, still newer than 5 s: one more
     lister3 = FakeLister([task(i) for i in range(1000, 1300)] + [task(5)])  # 5 is on page 4
-    board3 = PollBoard(lambda: lister3)
+    board3 = clock.watch(PollBoard(lambda: lister3))
     for tid, when in (("gen_000000000005", 5), ("gen_000000001299", 1299)):
         board3.register(tid, T0 + timedelta(seconds=when))
-    got = poll_all(board3, ["gen_000000000005", "gen_000000001299"])
+    got = poll_all(board3, clock, ["gen_000000000005", "gen_000000001299"])
     assert got[0] is None and got[1] is not None  # handed back: its wait GETs it
     assert lister3.pages == [1, 2, 3]  # MAX_PAGES, never the whole account
 
 
-def test_list_errors_hand_every_poll_back() -> None:
+def test_list_errors_hand_every_poll_back(clock: FakeClock) -> None:
     lister = FakeLister([task(1), task(2)])
     lister.fail = RuntimeError("boom")
-    board = PollBoard(lambda: lister)
+    board = clock.watch(PollBoard(lambda: lister))
     for tid in ("gen_000000000001", "gen_000000000002"):
         board.register(tid, T0)
     for _ in range(board_module.MAX_MISSES + 1):
-        assert poll_all(board, ["gen_000000000001", "gen_000000000002"]) == [None, None]
+        assert poll_all(board, clock, ["gen_000000000001", "gen_000000000002"]) == [None, None]
     assert not board.stats.disabled  # an outage is no evidence against the list
     lister.fail = None
-    assert all(poll_all(board, ["gen_000000000001", "gen_000000000002"]))
+    assert all(poll_all(board, clock, ["gen_000000000001", "gen_000000000002"]))
 
 
 def test_a_board_that_cannot_connect_hands_polls_back_at_once() -> None:
@@ -175,31 +255,35 @@ def test_two_waits_on_one_task_are_both_counted() -> None:
     assert not board.crowded
 
 
-def test_failed_items_without_their_error_are_read_with_get() -> None:
+def test_failed_items_without_their_error_are_read_with_get(clock: FakeClock) -> None:
     bare = Task(id="gen_000000000001", status=TaskStatus.FAILED, created_at=T0)
     told = Task(id="gen_000000000002", status=TaskStatus.FAILED, error="moderation", created_at=T0)
     lister = FakeLister([bare, told])
-    board = PollBoard(lambda: lister)
+    board = clock.watch(PollBoard(lambda: lister))
     for t in (bare, told):
         board.register(t.id, T0)
-    got = poll_all(board, [bare.id, told.id])
+    got = poll_all(board, clock, [bare.id, told.id])
     assert got[0] is None and got[1] is not None and got[1].error == "moderation"
 
 
-def test_board_stops_batching_when_pages_never_hold_the_wanted_tasks() -> None:
+def test_board_stops_batching_when_pages_never_hold_the_wanted_tasks(clock: FakeClock) -> None:
     lister = FakeLister([task(i) for i in range(500, 510)])  # e.g. an API listing oldest first
-    board = PollBoard(lambda: lister)
+    board = clock.watch(PollBoard(lambda: lister))
     ids = ["gen_000000000001", "gen_000000000002"]
     for tid in ids:
         board.register(tid, None)
     for _ in range(board_module.MAX_MISSES):
-        assert poll_all(board, ids) == [None, None]
+        assert poll_all(board, clock, ids) == [None, None]
     assert board.stats.disabled and not board.crowded
+    assert board.stats.paused_until == clock.now + board_module.PAUSE_SECONDS
     asked = len(lister.pages)
-    assert board.poll(ids[0], 0.01, 0.01) is None
+    assert poll_all(board, clock, ids[:1]) == [None]
+    assert poll_all(board, clock, ids) == [None, None]  # even two polls due together
     assert len(lister.pages) == asked  # no more list requests
-    board.stats.paused_until = time.monotonic()  # the pause is over
-    assert board.crowded
+    clock.set(board, board.stats.paused_until)  # the pause is over
+    assert not board.stats.disabled and board.crowded
+    assert poll_all(board, clock, ids) == [None, None]
+    assert len(lister.pages) == asked + 1  # batching again
 
 
 def test_idle_board_thread_exits_and_closes_its_client(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,26 +297,33 @@ def test_idle_board_thread_exits_and_closes_its_client(monkeypatch: pytest.Monke
     assert lister.closed.wait(5)
 
 
-def test_polls_are_served_within_their_slack_not_before() -> None:
+def test_polls_are_served_within_their_slack_not_before(clock: FakeClock) -> None:
     lister = FakeLister([task(1), task(2)])
-    board = PollBoard(lambda: lister)
+    board = clock.watch(PollBoard(lambda: lister))
     for tid in ("gen_000000000001", "gen_000000000002"):
         board.register(tid, T0)
-    started = time.monotonic()
+    started = clock.now
     out: list[float] = []
 
     def one(tid: str, delay: float, slack: float) -> None:
-        board.poll(tid, delay, slack)
-        out.append(time.monotonic() - started)
+        assert board.poll(tid, delay, slack) is not None
+        out.append(clock.now)
 
     a = threading.Thread(target=one, args=("gen_000000000001", 0.3, 0.0))
     b = threading.Thread(target=one, args=("gen_000000000002", 0.5, 0.3))  # may run from 0.2 s
     a.start()
     b.start()
+    clock.wait_pending(board, 2)
+    for now in (0.1, 0.2, 0.25):  # b's slack has begun at 0.2 s, but nothing is due before 0.3 s
+        clock.set(board, started + now)
+        assert lister.pages == [] and board.stats.served == 0 and out == []
+    clock.set(board, started + 0.3)
     a.join(5)
     b.join(5)
+    assert not a.is_alive() and not b.is_alive()
     assert lister.pages == [1]  # one page for both: b ran early, inside its slack
-    assert all(0.3 <= t < 0.5 for t in out), out
+    assert board.stats.served == 2
+    assert len(out) == 2 and all(started + 0.3 <= t < started + 0.5 for t in out), out
 
 
 # --------------------------------------------------------------------------- with the emulator
@@ -271,7 +362,9 @@ def _async_waits(emulator: EmulatorProcess, key: str, n: int) -> list[Task]:
 @pytest.mark.integration
 @pytest.mark.parametrize("waits", [_sync_waits, _async_waits], ids=["threads", "asyncio"])
 def test_concurrent_waits_share_list_pages_against_the_emulator(
-    emulator: EmulatorProcess, emulator_api_key: str, waits
+    emulator: EmulatorProcess,
+    emulator_api_key: str,
+    waits: Callable[[EmulatorProcess, str, int], list[Task]],
 ) -> None:
     emulator.set_config(pending_seconds=0.2, processing_seconds=1.5)
     n = 6
