@@ -163,13 +163,9 @@ def test_budget_is_shared_by_all_submitters_of_a_scope(store, client, emulator):
     assert len(emulator.created_tasks()) == 2
 
 
-def test_s3_ledger_detects_lost_update(local_s3, s3_bucket):
-    from prefect_eggapi.ledger import LedgerConflictError
-
-    a = S3Ledger(local_s3.client(), s3_bucket, prefix="cas")
-    b = S3Ledger(local_s3.client(), s3_bucket, prefix="cas")
-    entry = LedgerEntry(
-        key="k1",
+def _bare_entry(key: str = "k1") -> LedgerEntry:
+    return LedgerEntry(
+        key=key,
         logical_key="l",
         fingerprint="f",
         state=EntryState.SUBMITTING,
@@ -177,13 +173,91 @@ def test_s3_ledger_detects_lost_update(local_s3, s3_bucket):
         task_type="image_generate",
         prompt_sha256="x",
     )
-    with a.transaction():
-        assert a.get("k1") is None
-        with b.transaction():
-            assert b.get("k1") is None
-            b.put(entry)
-        with pytest.raises(LedgerConflictError):
-            a.put(entry)
+
+
+@pytest.fixture(params=["sqlite", "s3"])
+def two_workers(request, tmp_path, local_s3, s3_bucket):
+    """Two store instances on one ledger, as two worker processes would have."""
+    if request.param == "sqlite":
+        return SQLiteLedger(tmp_path / "cas.sqlite3"), SQLiteLedger(tmp_path / "cas.sqlite3")
+    return (
+        S3Ledger(local_s3.client(), s3_bucket, prefix="cas"),
+        S3Ledger(local_s3.client(), s3_bucket, prefix="cas"),
+    )
+
+
+def test_two_new_entries_for_one_key_cannot_both_be_written(two_workers):
+    from prefect_eggapi.ledger import LedgerConflictError
+
+    a, b = two_workers
+    assert a.get("k1") is None and b.get("k1") is None
+    b.put(_bare_entry())
+    with pytest.raises(LedgerConflictError):
+        a.put(_bare_entry())  # a never read b's entry: it must not overwrite it
+
+
+def test_a_stale_copy_can_never_overwrite_a_newer_entry(two_workers):
+    from prefect_eggapi.ledger import LedgerConflictError
+
+    a, b = two_workers
+    a.put(_bare_entry())
+    mine, theirs = a.get("k1"), b.get("k1")
+    theirs.state, theirs.task_id = EntryState.SUBMITTED, "gen_theirs"
+    b.put(theirs)
+    mine.state = EntryState.REJECTED
+    with pytest.raises(LedgerConflictError):
+        a.put(mine)
+    assert a.get("k1").task_id == "gen_theirs"  # what b recorded stands
+    fresh = a.get("k1")
+    fresh.polls = 3
+    a.put(fresh)  # a copy read after b's write goes through
+    assert b.get("k1").polls == 3 and b.get("k1").task_id == "gen_theirs"
+
+
+def test_unresolved_lists_only_open_outcomes(store):
+    store.put(_bare_entry("open"))
+    done = _bare_entry("done")
+    done.state, done.task_id = EntryState.SUBMITTED, "gen_done"
+    store.put(done)
+    assert [e.key for e in store.unresolved()] == ["open"]
+    opened = store.get("open")
+    opened.state = EntryState.AMBIGUOUS
+    store.put(opened)
+    assert [e.key for e in store.unresolved()] == ["open"]
+    opened.state, opened.task_id = EntryState.SUBMITTED, "gen_open"
+    store.put(opened)
+    assert store.unresolved() == []
+    assert store.known_task_ids() == {"gen_done", "gen_open"}
+
+
+def test_a_ledger_lane_is_held_by_one_owner_at_a_time_across_store_instances(two_workers):
+    a, b = two_workers
+    entered: list[str] = []
+    with a.lane("acct|nanobanana|image_generate", width=1, owner="host:1:a", seconds=30):
+        other = threading.Thread(
+            target=lambda: _enter(b, "host:1:b", entered), daemon=True
+        )
+        other.start()
+        other.join(0.5)
+        assert other.is_alive() and entered == []  # b waits while a holds the lane
+    other.join(10)
+    assert entered == ["host:1:b"]
+
+
+def _enter(store, owner: str, entered: list[str]) -> None:
+    with store.lane("acct|nanobanana|image_generate", width=1, owner=owner, seconds=30):
+        entered.append(owner)
+
+
+def test_a_lane_left_by_a_dead_owner_is_free_at_once(two_workers):
+    a, b = two_workers
+    dead = f"{socket.gethostname()}:999999999:dead"
+    lane = a.lane("acct|m|t", width=1, owner=dead, seconds=300)
+    lane.__enter__()  # the owner is SIGKILLed here: it never releases
+    started = time.monotonic()
+    with b.lane("acct|m|t", width=1, owner="host:2:b", seconds=30):
+        pass
+    assert time.monotonic() - started < 5
 
 
 def test_default_ledger_from_s3_uri(local_s3, s3_bucket, monkeypatch, client, emulator):

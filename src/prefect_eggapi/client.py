@@ -14,6 +14,7 @@ Retry rules, because EggAPI has no idempotency key and no cancel:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import os
@@ -412,6 +413,7 @@ class _BaseClient:
             now = datetime.now(UTC)
             midpoint = sent_at + (now - sent_at) / 2
             self.clock_offset = (task.created_at - midpoint).total_seconds()
+            self.durations.see([task])
         return task
 
 
@@ -587,12 +589,20 @@ class EggAPIClient(_BaseClient):
             self.limiter.acquire()
         return self._http.request(method, path, **kwargs)
 
-    def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+    def _get(
+        self,
+        path: str,
+        params: dict[str, Any] | None = None,
+        on_response: Callable[[str], None] | None = None,
+    ) -> Any:
         attempt = 0
         while True:
             try:
                 response = self._send("GET", path, params=params)
-                return _raise_for_envelope(response, "GET", path)
+                data = _raise_for_envelope(response, "GET", path)
+                if on_response is not None and "date" in response.headers:
+                    on_response(response.headers["date"])
+                return data
             except httpx.RequestError as exc:  # transport, or a body that cannot be decoded
                 error: EggAPIError = _transport_error(exc, "GET", path)
                 retry_after = None
@@ -639,7 +649,28 @@ class EggAPIClient(_BaseClient):
         return task
 
     def list_tasks(self, page: int = 1, per_page: int = 20) -> TaskPage:
-        return TaskPage.model_validate(self._get("/v1/tasks", self._list_params(page, per_page)))
+        result = TaskPage.model_validate(
+            self._get("/v1/tasks", self._list_params(page, per_page))
+        )
+        self.durations.see(result.items)
+        return result
+
+    def probe_clock(self) -> None:
+        """Learn the server's clock and its newest tasks before the first POST (one GET).
+
+        Until a 202 has dated the server's clock, a lost answer would have to be matched in a
+        window of +-60 s, wide enough to take someone else's task. The ``Date`` header has whole
+        seconds, so the estimate is good to about half a second plus half the round trip.
+        """
+        sent = time.time()
+        dates: list[str] = []
+        data = self._get("/v1/tasks", self._list_params(1, 100), on_response=dates.append)
+        received = time.time()
+        self.durations.see(TaskPage.model_validate(data).items)
+        if self.clock_offset is None and dates:
+            with contextlib.suppress(TypeError, ValueError, IndexError):
+                server = parsedate_to_datetime(dates[-1]).timestamp() + 0.5
+                self.clock_offset = server - (sent + received) / 2
 
     def iter_tasks(self, per_page: int = 100, max_pages: int | None = None) -> Iterator[Task]:
         """Newest first, page by page, until the last page or ``max_pages``."""
@@ -813,7 +844,9 @@ class AsyncEggAPIClient(_BaseClient):
 
     async def list_tasks(self, page: int = 1, per_page: int = 20) -> TaskPage:
         data = await self._get("/v1/tasks", self._list_params(page, per_page))
-        return TaskPage.model_validate(data)
+        result = TaskPage.model_validate(data)
+        self.durations.see(result.items)
+        return result
 
     async def iter_tasks(
         self, per_page: int = 100, max_pages: int | None = None

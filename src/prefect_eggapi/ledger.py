@@ -6,13 +6,26 @@ updated right after the 202 (``submitted`` + task id). A retry, a flow retry, a 
 logical key or a restarted process finds the entry and reconnects instead of posting again; an
 entry stuck in ``submitting`` whose owner died is reconciled against ``GET /v1/tasks``.
 
+**Every write is a compare-and-swap.** An entry read from a store carries the version it was
+read at; :meth:`LedgerStore.put` writes only if the stored entry is still that version (a new
+entry only if none exists) and raises :class:`LedgerConflictError` otherwise. So no path can
+overwrite what another worker recorded without having read it: the loser re-reads and re-plans.
+
+**Lanes.** :meth:`LedgerStore.lane` is a lease shared by every worker of the ledger: the
+submitter holds the lane of (account, model, type) from just before a POST until its answer is
+recorded, so across all workers at most ``width`` POSTs of one lane have an unknown outcome at a
+time (the task list shows no prompt; two lost answers in one window could not be told apart).
+
 No Prefect imports. The default store is SQLite in WAL mode (safe across threads and processes on
 one machine); claims are short ``BEGIN IMMEDIATE`` transactions, never held across HTTP calls.
+Where runs can move between machines or containers, use the S3 store beside the outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import random
 import socket
@@ -21,17 +34,21 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from prefect_eggapi.storage import put_if, read_object
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+    from prefect_eggapi.storage import OutputStore
 
 T = TypeVar("T")
 
@@ -55,6 +72,8 @@ class EntryState(StrEnum):
 LIVE_STATES = frozenset(
     {EntryState.SUBMITTED, EntryState.COMPLETED, EntryState.ABANDONED, EntryState.PERSISTED}
 )
+# States whose POST outcome is not known yet: their task, if any, is in nobody's index.
+UNRESOLVED_STATES = frozenset({EntryState.SUBMITTING, EntryState.AMBIGUOUS})
 
 
 def ledger_key(logical_key: str, fingerprint: str) -> str:
@@ -106,11 +125,30 @@ class LedgerEntry(BaseModel):
     owner: str | None = None
     lease_until: float | None = None
     sent_at: datetime | None = None
+    # When the POST gave up (timeout, 5xx, dropped): with sent_at, the window its task was made in.
+    failed_at: datetime | None = None
+    # Server clock minus ours when the POST was sent: a resuming process uses the same window.
+    clock_offset: float | None = None
+    # Server time of the newest task seen before the POST was sent: older tasks provably existed
+    # before it and can never be its task.
+    floor: datetime | None = None
+    floor_ids: list[str] = Field(default_factory=list)  # tasks seen at ``floor`` exactly
+    # Tasks this entry paid for beyond ``task_id`` (a late answer after another worker took over):
+    # kept so that every billed task is explained and recovery can collect it.
+    extra_tasks: list[str] = Field(default_factory=list)
+    spend_micros: int | None = None  # the spend marker the S3 store wrote last
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     retryable: bool | None = None
     error: dict[str, Any] | None = None
     outputs: list[dict[str, Any]] = Field(default_factory=list)
     history: list[str] = Field(default_factory=list)
+
+    # The stored version this copy was read at (None: not in the store yet). ``put`` compares it.
+    _version: str | None = PrivateAttr(default=None)
+
+    @property
+    def version(self) -> str | None:
+        return self._version
 
     @property
     def committed_spend(self) -> Decimal:
@@ -124,7 +162,8 @@ class LedgerEntry(BaseModel):
 
 
 class LedgerStore(Protocol):
-    """Where entries live. ``claim`` is the only place that needs atomicity."""
+    """Where entries live. Every ``put`` is a compare-and-swap against the version the entry was
+    read at (see the module docstring); ``lane`` is the one cross-worker lease."""
 
     def get(self, key: str) -> LedgerEntry | None: ...
 
@@ -134,16 +173,41 @@ class LedgerStore(Protocol):
 
     def known_task_ids(self) -> set[str]: ...
 
+    def unresolved(self) -> list[LedgerEntry]: ...
+
     def scope_spend(self, scope: str) -> Decimal: ...
 
     def entries(self, states: set[EntryState] | None = None) -> list[LedgerEntry]: ...
 
-    @contextmanager
-    def transaction(self) -> Iterator[None]: ...
+    def transaction(self) -> AbstractContextManager[None]: ...
+
+    def lane(
+        self, name: str, *, width: int, owner: str, seconds: float
+    ) -> AbstractContextManager[None]: ...
 
 
 class LedgerConflictError(Exception):
     """Another writer changed the entry between our read and our write; re-read and retry."""
+
+
+class LaneBusyError(TimeoutError):
+    """A lane stayed held by live owners for longer than any POST can last."""
+
+
+def _lane_waits(deadline: float) -> Iterator[None]:
+    """Backoff between tries for a held lane: 5 ms growing to 100 ms, jittered; raises at the
+    deadline (a holder cannot live past its lease, so this means something is wrong)."""
+    delay = 0.005
+    while True:
+        yield
+        if time.monotonic() > deadline:
+            raise LaneBusyError("the submit lane stayed held past every lease")
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(0.1, delay * 1.5)
+
+
+def _lane_free(owner: str | None, until: float | None) -> bool:
+    return owner is None or until is None or time.time() > until or owner_is_dead(owner)
 
 
 def with_conflict_retry(fn: Callable[[], T], attempts: int = 20) -> T:
@@ -159,7 +223,11 @@ def with_conflict_retry(fn: Callable[[], T], attempts: int = 20) -> T:
 
 
 class SQLiteLedger:
-    """The default store: one SQLite file, WAL, short immediate transactions."""
+    """The default store: one SQLite file, WAL, short immediate transactions.
+
+    ``version`` is a counter per row: an update matches ``WHERE version = ?`` and an insert
+    fails if the key exists, so a stale copy can never overwrite a newer entry.
+    """
 
     def __init__(self, path: str | Path | None = None) -> None:
         if path is None:
@@ -171,12 +239,23 @@ class SQLiteLedger:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, scope TEXT,"
-                " task_id TEXT, state TEXT, data TEXT NOT NULL)"
+                " task_id TEXT, state TEXT, data TEXT NOT NULL, version INTEGER NOT NULL DEFAULT 1)"
             )
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(entries)")}
+            if "version" not in columns:  # a ledger written by 0.1.0
+                with contextlib.suppress(sqlite3.OperationalError):  # a concurrent migration
+                    conn.execute(
+                        "ALTER TABLE entries ADD COLUMN version INTEGER NOT NULL DEFAULT 1"
+                    )
             conn.execute("CREATE INDEX IF NOT EXISTS entries_task ON entries(task_id)")
             # Every task id ever recorded, including earlier attempts of an entry that moved on.
             conn.execute("CREATE TABLE IF NOT EXISTS task_ids (task_id TEXT PRIMARY KEY, key TEXT)")
             conn.execute("CREATE INDEX IF NOT EXISTS entries_scope ON entries(scope)")
+            conn.execute("CREATE INDEX IF NOT EXISTS entries_state ON entries(state)")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS lanes (name TEXT, slot INTEGER, owner TEXT,"
+                " until REAL, PRIMARY KEY (name, slot))"
+            )
 
     def __repr__(self) -> str:
         return f"SQLiteLedger({str(self.path)!r})"
@@ -217,35 +296,76 @@ class SQLiteLedger:
             finally:
                 self._local.depth = 0
 
+    @staticmethod
+    def _load(data: str, version: int) -> LedgerEntry:
+        entry = LedgerEntry.model_validate_json(data)
+        entry._version = str(version)
+        return entry
+
     def get(self, key: str) -> LedgerEntry | None:
         with self._conn() as conn:
-            row = conn.execute("SELECT data FROM entries WHERE key = ?", (key,)).fetchone()
-        return LedgerEntry.model_validate_json(row[0]) if row else None
+            row = conn.execute(
+                "SELECT data, version FROM entries WHERE key = ?", (key,)
+            ).fetchone()
+        return self._load(*row) if row else None
 
     def put(self, entry: LedgerEntry) -> None:
         entry.updated_at = datetime.now(UTC)
-        with self._conn() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO entries (key, scope, task_id, state, data)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (entry.key, entry.scope, entry.task_id, entry.state.value, entry.model_dump_json()),
-            )
-            if entry.task_id:
+        data = entry.model_dump_json()
+        with self.transaction(), self._conn() as conn:
+            if entry.version is None:
+                try:
+                    conn.execute(
+                        "INSERT INTO entries (key, scope, task_id, state, data, version)"
+                        " VALUES (?, ?, ?, ?, ?, 1)",
+                        (entry.key, entry.scope, entry.task_id, entry.state.value, data),
+                    )
+                except sqlite3.IntegrityError:
+                    raise LedgerConflictError(entry.key) from None
+                new_version = 1
+            else:
+                new_version = int(entry.version) + 1
+                changed = conn.execute(
+                    "UPDATE entries SET scope = ?, task_id = ?, state = ?, data = ?, version = ?"
+                    " WHERE key = ? AND version = ?",
+                    (
+                        entry.scope,
+                        entry.task_id,
+                        entry.state.value,
+                        data,
+                        new_version,
+                        entry.key,
+                        int(entry.version),
+                    ),
+                ).rowcount
+                if changed != 1:
+                    raise LedgerConflictError(entry.key)
+            for task_id in filter(None, [entry.task_id, *entry.extra_tasks]):
                 conn.execute(
                     "INSERT OR IGNORE INTO task_ids (task_id, key) VALUES (?, ?)",
-                    (entry.task_id, entry.key),
+                    (task_id, entry.key),
                 )
+        entry._version = str(new_version)
 
     def find_task(self, task_id: str) -> LedgerEntry | None:
         with self._conn() as conn:
             row = conn.execute(
-                "SELECT data FROM entries WHERE task_id = ? ORDER BY rowid DESC", (task_id,)
+                "SELECT data, version FROM entries WHERE task_id = ? ORDER BY rowid DESC",
+                (task_id,),
             ).fetchone()
-        return LedgerEntry.model_validate_json(row[0]) if row else None
+        return self._load(*row) if row else None
 
     def known_task_ids(self) -> set[str]:
         with self._conn() as conn:
             return {r[0] for r in conn.execute("SELECT task_id FROM task_ids")}
+
+    def unresolved(self) -> list[LedgerEntry]:
+        states = tuple(s.value for s in UNRESOLVED_STATES)
+        with self._conn() as conn:
+            rows = conn.execute(
+                "SELECT data, version FROM entries WHERE state IN (?, ?)", states
+            ).fetchall()
+        return [self._load(*r) for r in rows]
 
     def scope_spend(self, scope: str) -> Decimal:
         with self._conn() as conn:
@@ -256,25 +376,58 @@ class SQLiteLedger:
 
     def entries(self, states: set[EntryState] | None = None) -> list[LedgerEntry]:
         with self._conn() as conn:
-            rows = conn.execute("SELECT data FROM entries ORDER BY rowid").fetchall()
-        out = [LedgerEntry.model_validate_json(r[0]) for r in rows]
+            rows = conn.execute("SELECT data, version FROM entries ORDER BY rowid").fetchall()
+        out = [self._load(*r) for r in rows]
         return [e for e in out if states is None or e.state in states]
+
+    @contextmanager
+    def lane(self, name: str, *, width: int, owner: str, seconds: float) -> Iterator[None]:
+        slot = None
+        for _ in _lane_waits(time.monotonic() + 3 * seconds):
+            with self.transaction(), self._conn() as conn:
+                held = dict(
+                    (row[0], (row[1], row[2]))
+                    for row in conn.execute(
+                        "SELECT slot, owner, until FROM lanes WHERE name = ?", (name,)
+                    )
+                )
+                for candidate in range(width):
+                    if _lane_free(*held.get(candidate, (None, None))):
+                        conn.execute(
+                            "INSERT OR REPLACE INTO lanes (name, slot, owner, until)"
+                            " VALUES (?, ?, ?, ?)",
+                            (name, candidate, owner, time.time() + seconds),
+                        )
+                        slot = candidate
+                        break
+            if slot is not None:
+                break
+        try:
+            yield
+        finally:
+            with self._conn() as conn:
+                conn.execute(
+                    "DELETE FROM lanes WHERE name = ? AND slot = ? AND owner = ?",
+                    (name, slot, owner),
+                )
 
 
 class S3Ledger:
     """Entries as JSON objects in a bucket, shared by every worker on every machine.
 
-    Writes are compare-and-swap (``If-Match`` on the ETag read in the same transaction, or
-    ``If-None-Match: *`` for a new entry), so two workers claiming the same work cannot both win:
-    the loser gets :class:`LedgerConflictError` and re-plans. Per-scope spend is kept in marker
-    object *names* (``spend/<scope>/<key>.<micro-dollars>``) so one LIST sums a budget.
+    Every write is conditional: ``If-Match`` on the ETag the entry was read (or last written)
+    at, ``If-None-Match: *`` for a new entry; the loser of a race gets
+    :class:`LedgerConflictError` and re-plans. Around each entry: ``tasks/<id>`` names its entry
+    (written before the entry, so a recorded task is never missing from the index);
+    ``unresolved/<key>`` marks entries whose POST outcome is open; per-scope spend is kept in
+    marker object *names* (``spend/<scope>/<key>.<micro-dollars>``) so one LIST sums a budget;
+    ``lanes/<name>/<slot>.json`` are the cross-worker submit leases.
     """
 
     def __init__(self, s3_client: S3Client, bucket: str, prefix: str = "eggapi/ledger") -> None:
         self._s3 = s3_client
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self._local = threading.local()
 
     def __repr__(self) -> str:
         return f"S3Ledger(s3://{self.bucket}/{self.prefix})"
@@ -287,8 +440,14 @@ class S3Ledger:
     def _task_key(self, task_id: str) -> str:
         return f"{self.prefix}/tasks/{task_id}"
 
+    def _unresolved_key(self, key: str) -> str:
+        return f"{self.prefix}/unresolved/{key}"
+
     def _spend_prefix(self, scope: str) -> str:
         return f"{self.prefix}/spend/{hashlib.sha256(scope.encode()).hexdigest()[:32]}/"
+
+    def _lane_key(self, name: str, slot: int) -> str:
+        return f"{self.prefix}/lanes/{hashlib.sha256(name.encode()).hexdigest()[:32]}/{slot}.json"
 
     def _list(self, prefix: str) -> Iterator[str]:
         pages = self._s3.get_paginator("list_objects_v2").paginate(
@@ -298,76 +457,63 @@ class S3Ledger:
             for obj in page.get("Contents", []):
                 yield obj["Key"]
 
-    # -- transactions: remember what we read, write only if unchanged -----------------------
+    # -- conditional reads and writes ----------------------------------------------------------
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        outer = getattr(self._local, "seen", None)
-        if outer is None:
-            self._local.seen = {}
-        try:
-            yield
-        finally:
-            if outer is None:
-                self._local.seen = None
+        """Nothing to hold: every put is conditional on the version its entry was read at."""
+        yield
 
     def _read(self, object_key: str) -> tuple[bytes, str] | None:
-        from botocore.exceptions import ClientError
+        return read_object(self._s3, self.bucket, object_key)
 
-        try:
-            obj = self._s3.get_object(Bucket=self.bucket, Key=object_key)
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise
-        return obj["Body"].read(), obj["ETag"]
+    def _put_if(self, object_key: str, body: bytes, version: str | None) -> str:
+        """Write only over ``version`` (None: only if absent); the new ETag, or a conflict."""
+        etag = put_if(self._s3, self.bucket, object_key, body, version)
+        if etag is None:
+            raise LedgerConflictError(object_key)
+        return etag
+
+    def _load(self, object_key: str) -> LedgerEntry | None:
+        found = self._read(object_key)
+        if found is None:
+            return None
+        entry = LedgerEntry.model_validate_json(found[0])
+        entry._version = found[1]
+        return entry
 
     def get(self, key: str) -> LedgerEntry | None:
-        found = self._read(self._entry_key(key))
-        seen = getattr(self._local, "seen", None)
-        if seen is not None:
-            seen[key] = found[1] if found else None
-        return LedgerEntry.model_validate_json(found[0]) if found else None
+        return self._load(self._entry_key(key))
 
     def put(self, entry: LedgerEntry) -> None:
-        from botocore.exceptions import ClientError
-
         entry.updated_at = datetime.now(UTC)
-        seen = getattr(self._local, "seen", None)
-        condition: dict[str, str] = {}
-        if seen is not None and entry.key in seen:
-            etag = seen[entry.key]
-            condition = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
-        try:
-            result = self._s3.put_object(
-                Bucket=self.bucket,
-                Key=self._entry_key(entry.key),
-                Body=entry.model_dump_json().encode(),
-                ContentType="application/json",
-                **condition,  # type: ignore[arg-type]
-            )
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
-                raise LedgerConflictError(entry.key) from exc
-            raise
-        if seen is not None:
-            seen[entry.key] = result["ETag"]
-        if entry.task_id:
+        for task_id in filter(None, [entry.task_id, *entry.extra_tasks]):
             self._s3.put_object(
-                Bucket=self.bucket, Key=self._task_key(entry.task_id), Body=entry.key.encode()
+                Bucket=self.bucket, Key=self._task_key(task_id), Body=entry.key.encode()
             )
-        self._write_spend(entry)
+        open_outcome = entry.state in UNRESOLVED_STATES
+        if open_outcome:
+            self._s3.put_object(Bucket=self.bucket, Key=self._unresolved_key(entry.key), Body=b"")
+        old_micros = entry.spend_micros
+        entry.spend_micros = int(entry.committed_spend * 1_000_000) if entry.scope else None
+        try:
+            entry._version = self._put_if(
+                self._entry_key(entry.key), entry.model_dump_json().encode(), entry.version
+            )
+        except LedgerConflictError:
+            entry.spend_micros = old_micros
+            raise
+        if not open_outcome:
+            self._s3.delete_object(Bucket=self.bucket, Key=self._unresolved_key(entry.key))
+        self._write_spend(entry, old_micros)
 
-    def _write_spend(self, entry: LedgerEntry) -> None:
-        if not entry.scope:
+    def _write_spend(self, entry: LedgerEntry, old_micros: int | None) -> None:
+        if not entry.scope or entry.spend_micros == old_micros:
             return
         prefix = f"{self._spend_prefix(entry.scope)}{entry.key}."
-        micros = int(entry.committed_spend * 1_000_000)
-        marker = f"{prefix}{micros}"
-        stale = [k for k in self._list(prefix) if k != marker]
-        self._s3.put_object(Bucket=self.bucket, Key=marker, Body=b"")
-        for old in stale:
-            self._s3.delete_object(Bucket=self.bucket, Key=old)
+        self._s3.put_object(Bucket=self.bucket, Key=f"{prefix}{entry.spend_micros}", Body=b"")
+        if old_micros is not None:
+            self._s3.delete_object(Bucket=self.bucket, Key=f"{prefix}{old_micros}")
 
     def find_task(self, task_id: str) -> LedgerEntry | None:
         found = self._read(self._task_key(task_id))
@@ -377,40 +523,86 @@ class S3Ledger:
         base = f"{self.prefix}/tasks/"
         return {k[len(base) :] for k in self._list(base)}
 
+    def unresolved(self) -> list[LedgerEntry]:
+        base = f"{self.prefix}/unresolved/"
+        out = []
+        for object_key in self._list(base):
+            entry = self.get(object_key[len(base) :])
+            if entry is not None and entry.state in UNRESOLVED_STATES:
+                out.append(entry)
+        return out
+
     def scope_spend(self, scope: str) -> Decimal:
-        total = Decimal(0)
+        """Sum of the markers; an entry caught between writing its new marker and deleting the
+        old one counts once (its newest marker)."""
+        newest: dict[str, int] = {}
         for key in self._list(self._spend_prefix(scope)):
-            total += Decimal(int(key.rsplit(".", 1)[1])) / 1_000_000
-        return total
+            name, _, micros = key.rsplit("/", 1)[1].rpartition(".")
+            newest[name] = int(micros) if name not in newest else max(newest[name], int(micros))
+        return Decimal(sum(newest.values())) / 1_000_000
 
     def entries(self, states: set[EntryState] | None = None) -> list[LedgerEntry]:
         out = []
         for object_key in self._list(f"{self.prefix}/entries/"):
-            found = self._read(object_key)
-            if found:
-                entry = LedgerEntry.model_validate_json(found[0])
-                if states is None or entry.state in states:
-                    out.append(entry)
+            entry = self._load(object_key)
+            if entry is not None and (states is None or entry.state in states):
+                out.append(entry)
         return out
 
+    @contextmanager
+    def lane(self, name: str, *, width: int, owner: str, seconds: float) -> Iterator[None]:
+        held: tuple[str, str] | None = None
+        for _ in _lane_waits(time.monotonic() + 3 * seconds):
+            for slot in range(width):
+                object_key = self._lane_key(name, slot)
+                found = self._read(object_key)
+                if found is not None:
+                    state = json.loads(found[0])
+                    if not _lane_free(state.get("owner"), state.get("until")):
+                        continue
+                body = json.dumps({"owner": owner, "until": time.time() + seconds}).encode()
+                try:
+                    held = (object_key, self._put_if(object_key, body, found[1] if found else None))
+                except LedgerConflictError:
+                    continue  # another worker took this slot first
+                break
+            if held is not None:
+                break
+        assert held is not None
+        try:
+            yield
+        finally:
+            # Free it only if it is still ours (after a lease ran out, someone else may hold it).
+            with contextlib.suppress(LedgerConflictError):
+                self._put_if(held[0], json.dumps({"owner": None}).encode(), held[1])
 
-def default_ledger() -> LedgerStore:
-    """The store named by ``EGGAPI_LEDGER_URI`` (``s3://bucket/prefix`` to share it across
-    machines), else SQLite under ``EGGAPI_LEDGER_DIR`` (default ``./.eggapi``). One instance
-    per process and location, so threads reuse connections.
+
+def default_ledger(beside: OutputStore | None = None) -> LedgerStore:
+    """The ledger this configuration names, one instance per process and location.
+
+    In order: ``EGGAPI_LEDGER_URI`` (``s3://bucket/prefix``, shared by every machine);
+    ``EGGAPI_LEDGER_DIR`` (SQLite, one machine); with outputs going to S3 (``beside``) and
+    nothing else configured, ``{prefix}/ledger`` in the outputs' bucket, so that a run retried in
+    a fresh container (no local files) finds what it paid for; else SQLite in ``./.eggapi``.
     """
     uri = os.environ.get(LEDGER_URI_ENV, "").strip()
+    directory = os.environ.get(LEDGER_DIR_ENV, "").strip()
     if uri:
         if not uri.startswith("s3://") or len(uri) <= len("s3://"):
             raise ValueError(f"{LEDGER_URI_ENV} must look like s3://bucket/prefix, got {uri!r}")
         bucket, _, prefix = uri[len("s3://") :].partition("/")
         ident: str | Path = uri
+    elif not directory and beside is not None:
+        bucket, prefix = beside.bucket, "/".join(p for p in (beside.prefix, "ledger") if p)
+        ident = f"s3://{bucket}/{prefix}"
     else:
-        ident = Path(os.environ.get(LEDGER_DIR_ENV) or DEFAULT_LEDGER_DIR).resolve()
+        ident = Path(directory or DEFAULT_LEDGER_DIR).resolve()
     with _DEFAULTS_LOCK:
         if ident not in _DEFAULTS:
             if isinstance(ident, Path):
                 _DEFAULTS[ident] = SQLiteLedger(ident / "ledger.sqlite3")
+            elif beside is not None and not uri:
+                _DEFAULTS[ident] = S3Ledger(beside.client, bucket, prefix)
             else:
                 from prefect_eggapi.storage import S3Settings, build_s3_client
 

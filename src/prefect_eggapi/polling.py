@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from prefect_eggapi.models import Task, TaskStatus
 
@@ -61,6 +63,26 @@ class DurationStats:
         self.processing: float | None = None
         # Server clock minus ours (seconds), learned from 202 answers by the client.
         self.clock_offset: float | None = None
+        # The newest created_at seen in any answer, and the ids seen with it: a task older than
+        # that (or one of those) provably existed before anything this process sends next.
+        self.newest_created: datetime | None = None
+        self.newest_ids: set[str] = set()
+
+    def see(self, tasks: Iterable[Task]) -> None:
+        """Move the horizon forward with tasks the server has shown us."""
+        with self._lock:
+            for task in tasks:
+                when = task.created_at
+                if when is None:
+                    continue
+                if self.newest_created is None or when > self.newest_created:
+                    self.newest_created, self.newest_ids = when, {task.id}
+                elif when == self.newest_created:
+                    self.newest_ids.add(task.id)
+
+    def horizon(self) -> tuple[datetime | None, list[str]]:
+        with self._lock:
+            return self.newest_created, sorted(self.newest_ids)
 
     @property
     def total(self) -> float | None:

@@ -1,25 +1,37 @@
 """Decide what an ambiguous submit did, from ``GET /v1/tasks`` (newest first).
 
 The API has no idempotency key, so after a timeout or 5xx on ``POST /v1/generate`` the only
-evidence is the task list. A candidate must match model and type, have been created inside the
-window in which our request was in flight (widened for clock skew), match the prompt where the
-server shows it, and not already belong to another ledger entry. One candidate is adopted; none,
-seen twice a settle interval apart, proves nothing was created; anything else fails loudly.
+evidence is the task list, which shows no prompt. A task can be ours only if it matches model and
+type, was created inside the window our request was in flight (server time, widened for clock
+skew), is in no ledger entry's index, and did not provably exist before the POST was sent (it
+is older than the newest task seen before sending: the entry's ``floor``).
+
+Same-model tasks that no entry knows *outside* the window, and that no unresolved sibling
+submit can explain, are someone else's traffic on the key: then a lone candidate could be theirs
+as well as ours, so adoption is suspended and the submit fails loudly with the evidence. A window
+seen empty twice, a settle interval apart, proves nothing was created whatever else uses the key.
+
+:func:`classify` is the whole decision on one page of evidence; it has no I/O.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from prefect_eggapi.client import EggAPIClient
 from prefect_eggapi.models import Task
 
-# Our clock against the server's: widened further by the offset the client measured, if any.
-# created_at has whole seconds, so the learned offset is good to about a second.
+# Our clock against the server's, once the offset is known: created_at has whole seconds, so the
+# learned offset is good to about a second. Unknown offset: a much wider window.
 DEFAULT_SKEW = timedelta(seconds=1.5)
 UNKNOWN_OFFSET_SKEW = timedelta(seconds=60)
+# How far before the window unknown same-model tasks count as other traffic on the key.
+LOOKBACK = timedelta(seconds=60)
+
+Span = tuple[datetime, datetime]
 
 
 @dataclass
@@ -30,6 +42,7 @@ class Evidence:
     window_end: datetime
     scanned: int = 0
     candidates: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
     note: str = ""
 
     def __str__(self) -> str:
@@ -38,6 +51,11 @@ class Evidence:
             f"scanned {self.scanned} tasks created between {self.window_start.isoformat()} and "
             f"{self.window_end.isoformat()}; candidates: {ids}"
         )
+        if self.foreign:
+            text += (
+                f"; tasks no ledger knows near the window (other traffic on the key): "
+                f"{', '.join(self.foreign[:10])}"
+            )
         return f"{text}; {self.note}" if self.note else text
 
 
@@ -46,10 +64,6 @@ class Reconciliation:
     task: Task | None
     nothing_created: bool
     evidence: Evidence
-
-    @property
-    def decided(self) -> bool:
-        return self.task is not None or self.nothing_created
 
 
 def _matches(task: Task, *, model: str, task_type: str, prompt: str) -> bool:
@@ -61,33 +75,56 @@ def _matches(task: Task, *, model: str, task_type: str, prompt: str) -> bool:
     return shown is None or shown == prompt
 
 
+def classify(
+    tasks: Sequence[Task],
+    *,
+    window: Span,
+    known: set[str],
+    floor: datetime | None,
+    floor_ids: Collection[str] = (),
+    siblings: Sequence[Span] = (),
+) -> tuple[list[Task], list[Task]]:
+    """Split matching tasks no entry knows into (candidates in the window, other traffic).
+
+    A task older than ``floor``, or seen at ``floor`` before the POST (``floor_ids``), existed
+    before the POST and is never a candidate; a task inside an unresolved sibling's window may
+    be that sibling's and is not counted as other traffic.
+    """
+    candidates: list[Task] = []
+    foreign: list[Task] = []
+    for task in tasks:
+        if task.id in known or task.created_at is None:
+            continue
+        in_window = window[0] <= task.created_at <= window[1]
+        existed = task.id in floor_ids or (floor is not None and task.created_at < floor)
+        if in_window and not existed:
+            candidates.append(task)
+        elif not any(start <= task.created_at <= end for start, end in siblings):
+            foreign.append(task)
+    return candidates, foreign
+
+
 def scan(
     client: EggAPIClient,
     *,
     model: str,
     task_type: str,
     prompt: str,
-    sent_at: datetime,
-    failed_at: datetime,
-    exclude: set[str],
-    skew: timedelta = DEFAULT_SKEW,
+    since: datetime,
     max_pages: int = 20,
-) -> tuple[list[Task], Evidence]:
-    """Candidates created while the request was in flight, newest first."""
-    evidence = Evidence(sent_at - skew, failed_at + skew)
+) -> tuple[list[Task], int]:
+    """Matching tasks created at or after ``since``, newest first, and how many were scanned."""
     found: list[Task] = []
+    scanned = 0
     for task in client.iter_tasks(per_page=100, max_pages=max_pages):
-        evidence.scanned += 1
+        scanned += 1
         if task.created_at is None:
             continue
-        if task.created_at < evidence.window_start:
+        if task.created_at < since:
             break  # newest first: everything after this is older still
-        if task.created_at > evidence.window_end or task.id in exclude:
-            continue
         if _matches(task, model=model, task_type=task_type, prompt=prompt):
             found.append(task)
-    evidence.candidates = [t.id for t in found]
-    return found, evidence
+    return found, scanned
 
 
 def reconcile(
@@ -96,33 +133,43 @@ def reconcile(
     model: str,
     task_type: str,
     prompt: str,
-    sent_at: datetime,
-    failed_at: datetime,
-    exclude: set[str],
+    window: Span,
+    known: Callable[[], set[str]],
+    floor: datetime | None = None,
+    floor_ids: Collection[str] = (),
+    siblings: Sequence[Span] = (),
     settle_seconds: float = 2.0,
-    skew: timedelta = DEFAULT_SKEW,
 ) -> Reconciliation:
-    """Adopt a unique candidate, prove absence with two empty scans, or report ambiguity."""
+    """Adopt a lone candidate when nothing else unknown is near; prove absence with two empty
+    looks; otherwise report what was seen. ``known`` is read after each scan, so a task recorded
+    by another worker while we scanned is never taken for ours."""
+    evidence = Evidence(*window)
 
-    def look() -> tuple[list[Task], Evidence]:
-        return scan(
-            client,
-            model=model,
-            task_type=task_type,
-            prompt=prompt,
-            sent_at=sent_at,
-            failed_at=failed_at,
-            exclude=exclude,
-            skew=skew,
+    def look() -> tuple[list[Task], list[Task]]:
+        tasks, evidence.scanned = scan(
+            client, model=model, task_type=task_type, prompt=prompt, since=window[0] - LOOKBACK
         )
+        candidates, foreign = classify(
+            tasks,
+            window=window,
+            known=known(),
+            floor=floor,
+            floor_ids=floor_ids,
+            siblings=siblings,
+        )
+        evidence.candidates = [t.id for t in candidates]
+        evidence.foreign = [t.id for t in foreign]
+        return candidates, foreign
 
-    found, evidence = look()
-    if not found:
+    candidates, foreign = look()
+    if not candidates:
         # The list may lag the write; look again before calling it proof.
         time.sleep(settle_seconds)
-        found, evidence = look()
-        if not found:
+        candidates, foreign = look()
+        if not candidates:
             return Reconciliation(None, True, evidence)
-    if len(found) == 1:
-        return Reconciliation(found[0], False, evidence)
+    if len(candidates) == 1 and not foreign:
+        return Reconciliation(candidates[0], False, evidence)
+    if len(candidates) == 1:
+        evidence.note = "adoption suspended: another client is creating tasks on this key"
     return Reconciliation(None, False, evidence)

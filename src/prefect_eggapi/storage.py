@@ -508,6 +508,57 @@ def _error_code(exc: BaseException) -> str | None:
     return None
 
 
+def is_not_found(exc: BaseException) -> bool:
+    """Whether an S3 error says the object (or key) does not exist."""
+    if not isinstance(exc, ClientError):
+        return False
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return _error_code(exc) in ("404", "NoSuchKey", "NotFound") or status == 404
+
+
+def read_object(s3: S3Client, bucket: str, key: str) -> tuple[bytes, str] | None:
+    """The object's bytes and ETag, or None when it does not exist."""
+    try:
+        obj = s3.get_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if is_not_found(exc):
+            return None
+        raise
+    return obj["Body"].read(), obj["ETag"]
+
+
+def put_if(
+    s3: S3Client,
+    bucket: str,
+    key: str,
+    body: bytes,
+    version: str | None,
+    *,
+    content_type: str = "application/json",
+) -> str | None:
+    """PUT only over the ETag ``version`` (None: only where no object exists yet).
+
+    The new ETag, or None when the condition failed (someone else wrote first): the basis of
+    every compare-and-swap the package makes in S3.
+    """
+    condition = {"IfMatch": version} if version else {"IfNoneMatch": "*"}
+    try:
+        result = s3.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=body,
+            ContentType=content_type,
+            **condition,  # type: ignore[arg-type]
+        )
+    except ClientError as exc:
+        if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            return None
+        if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412):
+            return None
+        raise
+    return result["ETag"]
+
+
 def _iter_file(path: Path) -> Iterator[bytes]:
     with path.open("rb") as fh:
         while chunk := fh.read(_READ_CHUNK):
@@ -649,8 +700,7 @@ class OutputStore:
         try:
             return dict(self._s3.head_object(Bucket=self._bucket, Key=key))
         except ClientError as exc:
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if _error_code(exc) in ("404", "NoSuchKey", "NotFound") or status == 404:
+            if is_not_found(exc):
                 return None
             raise UploadError(
                 f"HEAD s3://{self._bucket}/{key} failed: {exc}",

@@ -22,9 +22,10 @@ No Prefect imports: the Prefect tasks add names, logs, events and retries around
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -53,14 +54,15 @@ from prefect_eggapi.ledger import (
     owner_is_dead,
     with_conflict_retry,
 )
-from prefect_eggapi.models import GenerateRequest, Task, TaskStatus
+from prefect_eggapi.models import GenerateRequest, TaskStatus
+from prefect_eggapi.models import Task as ApiTask
 from prefect_eggapi.pricing import estimate_cost
-from prefect_eggapi.reconcile import DEFAULT_SKEW, UNKNOWN_OFFSET_SKEW, reconcile
+from prefect_eggapi.reconcile import DEFAULT_SKEW, UNKNOWN_OFFSET_SKEW, Span, reconcile
 
 
 @dataclass
 class SubmitOutcome:
-    task: Task
+    task: ApiTask
     entry: LedgerEntry
     reconnected: bool = False  # an already recorded task was reused: nothing paid now
     adopted: bool = False  # found by reconciliation after an ambiguous submit
@@ -114,8 +116,42 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+class _Replan(Exception):
+    """Our claim was taken over (our lease ran out): read the entry again and re-plan."""
+
+
+def _post_ended(entry: LedgerEntry) -> datetime:
+    """Our clock: when the POST gave up, or the latest it can still be in flight."""
+    if entry.failed_at is not None:
+        return entry.failed_at
+    now = datetime.now(UTC)
+    if entry.lease_until is not None:
+        return min(now, datetime.fromtimestamp(entry.lease_until, UTC))
+    return now
+
+
+def _span(entry: LedgerEntry, fallback_offset: float | None) -> Span:
+    """The server-time window in which ``entry``'s POST could have created its task."""
+    offset = entry.clock_offset if entry.clock_offset is not None else fallback_offset
+    skew = DEFAULT_SKEW if offset is not None else UNKNOWN_OFFSET_SKEW
+    shift = timedelta(seconds=offset or 0)
+    end = _post_ended(entry)
+    return (entry.sent_at or end) + shift - skew, end + shift + skew
+
+
+def _overlaps(a: Span, b: Span) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
 class Submitter:
-    """Ledger-guarded submits for one client and one ledger."""
+    """Ledger-guarded submits for one client and one ledger.
+
+    Every change to an entry is a compare-and-swap on what was just read (see ``ledger``), and
+    only the owner of a ``submitting`` claim moves it on; another worker takes a claim over only
+    when its owner is provably dead or its lease ran out. POSTs and reconciliations run inside
+    the lane of (account, model, type), held in this process and in the ledger, so every other
+    task of this lane made by any worker of the ledger is recorded before a window is judged.
+    """
 
     def __init__(
         self,
@@ -141,6 +177,8 @@ class Submitter:
         self.owner_wait_poll = owner_wait_poll
         self.sibling_wait_seconds = sibling_wait_seconds
         self.lane_width = lane_width
+        # The lane is held across a POST and, at worst, two reconciliations.
+        self.lane_seconds = self.lease_seconds + 4 * settle_seconds + sibling_wait_seconds + 30
         self.owner = owner_id()
 
     # ------------------------------------------------------------------ decisions
@@ -155,7 +193,7 @@ class Submitter:
         if entry.state is EntryState.FAILED:
             if not entry.retryable:
                 error = entry.error or {}
-                failed = Task(
+                failed = ApiTask(
                     id=entry.task_id or "unknown",
                     status=TaskStatus.FAILED,
                     error=error.get("task_error") or error.get("message"),
@@ -173,39 +211,63 @@ class Submitter:
             return _Plan("reconcile", entry)
         return _Plan("wait", entry)
 
-    def _siblings(self, entry: LedgerEntry, start: datetime, end: datetime) -> list[LedgerEntry]:
-        """Other unresolved submits of the same model and type whose POST overlapped ours."""
-        now = datetime.now(UTC)
+    def _siblings(self, entry: LedgerEntry) -> list[tuple[LedgerEntry, Span]]:
+        """Other unresolved submits of the same model and type, with their windows."""
         out = []
-        for other in self.ledger.entries({EntryState.SUBMITTING, EntryState.AMBIGUOUS}):
+        for other in self.ledger.unresolved():
             if other.key == entry.key or other.sent_at is None:
                 continue
             if other.model != entry.model or other.task_type != entry.task_type:
                 continue
-            other_end = datetime.fromtimestamp(other.lease_until, UTC) if other.lease_until else now
-            if other.sent_at <= end and other_end >= start:
-                out.append(other)
+            out.append((other, _span(other, self.client.clock_offset)))
         return out
 
     def _check_budget(self, entry: LedgerEntry, cap: Decimal | None) -> None:
         if cap is None or not entry.scope:
             return
         held = self.ledger.scope_spend(entry.scope)
-        existing = self.ledger.get(entry.key)
-        if existing is not None:
-            held -= existing.committed_spend
+        held -= entry.committed_spend if entry.version is not None else Decimal(0)
         if held + entry.estimate > cap:
             raise BudgetExceededError(
                 scope=entry.scope, cap=cap, committed=held, estimate=entry.estimate
             )
 
     def _claim(self, entry: LedgerEntry) -> None:
+        """Mark ``entry`` as being posted by us now (the caller writes it)."""
+        floor, floor_ids = self.client.durations.horizon()
         entry.state = EntryState.SUBMITTING
         entry.owner = self.owner
         entry.sent_at = datetime.now(UTC)
+        entry.failed_at = None
         entry.lease_until = time.time() + self.lease_seconds
+        entry.clock_offset = self.client.clock_offset
+        entry.floor, entry.floor_ids = floor, floor_ids
         entry.error = None
-        self.ledger.put(entry)
+
+    def _take_over(self, entry: LedgerEntry) -> None:
+        """Own an unresolved entry to reconcile it; its POST's window stays as recorded."""
+        entry.state = EntryState.SUBMITTING
+        entry.owner = self.owner
+        entry.lease_until = time.time() + self.lease_seconds
+        entry.failed_at = _post_ended(entry)  # a dead owner's POST ended by now at the latest
+
+    def _transition(self, entry: LedgerEntry, change: Callable[[LedgerEntry], None]) -> LedgerEntry:
+        """Apply ``change`` to the stored entry if our claim on it still stands, else re-plan."""
+
+        def attempt() -> LedgerEntry:
+            with self.ledger.transaction():
+                current = self.ledger.get(entry.key)
+                if (
+                    current is None
+                    or current.state is not EntryState.SUBMITTING
+                    or current.owner != self.owner
+                ):
+                    raise _Replan(entry.key)
+                change(current)
+                self.ledger.put(current)
+                return current
+
+        return with_conflict_retry(attempt)
 
     # ------------------------------------------------------------------ public
 
@@ -235,6 +297,7 @@ class Submitter:
         )
         wait_until = time.monotonic() + self.lease_seconds + 5
         lane = submit_lane(self.client.account, request.model, request.task_type)
+        lane_name = f"{self.client.account}|{request.model}|{request.task_type}"
 
         def decide() -> _Plan:
             with self.ledger.transaction():
@@ -242,37 +305,46 @@ class Submitter:
                 if plan.action == "post":
                     self._check_budget(plan.entry, budget)
                     self._claim(plan.entry)
+                    self.ledger.put(plan.entry)
+                elif plan.action == "reconcile":
+                    self._take_over(plan.entry)
+                    self.ledger.put(plan.entry)
                 return plan
 
         while True:
+            current = self.ledger.get(key)
+            if current is not None and current.state in LIVE_STATES:
+                return self._reconnect(current)
+            if self.client.clock_offset is None:
+                self.client.probe_clock()  # before anything is paid: a failure costs nothing
             # Claim inside the lane, so the lease and the reconciliation window start when the
             # POST really can, not while queueing behind other submits.
-            with lane.hold(self.lane_width):
-                plan = with_conflict_retry(decide)
-                if plan.action == "post":
-                    return self._post(request, plan.entry, resubmit=True)
-                if plan.action == "reconcile" or (
-                    plan.action == "wait" and time.monotonic() > wait_until
+            try:
+                with (
+                    lane.hold(self.lane_width),
+                    self.ledger.lane(
+                        lane_name,
+                        width=self.lane_width,
+                        owner=self.owner,
+                        seconds=self.lane_seconds,
+                    ),
                 ):
-                    return self._reconcile_entry(request, plan.entry)
+                    plan = with_conflict_retry(decide)
+                    if plan.action == "post":
+                        return self._post(request, plan.entry, resubmit=True)
+                    if plan.action == "reconcile" or (
+                        plan.action == "wait" and time.monotonic() > wait_until
+                    ):
+                        return self._settle(request, plan.entry, resubmit=True)
+            except _Replan:
+                continue  # another worker took our claim over: see what it recorded
             if plan.action == "reconnect":
-                break
+                return self._reconnect(plan.entry)
             time.sleep(self.owner_wait_poll)  # another live owner is posting this key
 
-        entry = plan.entry
+    def _reconnect(self, entry: LedgerEntry) -> SubmitOutcome:
         assert entry.task_id is not None
         return SubmitOutcome(self.client.get_task(entry.task_id), entry, reconnected=True)
-
-    def _reconcile_entry(self, request: GenerateRequest, entry: LedgerEntry) -> SubmitOutcome:
-        """Settle an entry whose POST was left unresolved (crash, expired lease, ambiguity)."""
-        window_end = (
-            datetime.fromtimestamp(entry.lease_until, UTC)
-            if entry.lease_until
-            else datetime.now(UTC)
-        )
-        return self._reconcile(
-            request, entry, entry.sent_at or window_end, window_end, resubmit=True
-        )
 
     def _post(
         self, request: GenerateRequest, entry: LedgerEntry, *, resubmit: bool
@@ -280,83 +352,122 @@ class Submitter:
         try:
             task = self.client.generate(request)
         except AmbiguousSubmitError as exc:
-            entry.history.append(f"ambiguous submit: {exc.cause!r}")
-            return self._reconcile(request, entry, exc.sent_at, exc.failed_at, resubmit=resubmit)
+            lost: AmbiguousSubmitError = exc
+
+            def ambiguous(current: LedgerEntry) -> None:
+                current.failed_at = lost.failed_at
+                current.history.append(f"ambiguous submit: {lost.cause!r}")
+
+            entry = self._transition(entry, ambiguous)
+            return self._settle(request, entry, resubmit=resubmit)
         except EggAPIError as exc:
             # 4xx, or 429/connection errors after retries: provably nothing was created.
-            entry.state = EntryState.REJECTED
-            entry.error = describe(exc)
-            entry.owner = None
-            self.ledger.put(entry)
+            refusal = describe(exc)
+
+            def rejected(current: LedgerEntry) -> None:
+                current.state = EntryState.REJECTED
+                current.error = refusal
+                current.owner = None
+
+            with contextlib.suppress(_Replan):
+                self._transition(entry, rejected)
             raise
-        self._record_submitted(entry, task, "submitted")
-        return SubmitOutcome(task, entry)
+        return self._record_task(entry, task, "submitted")
 
-    def _record_submitted(self, entry: LedgerEntry, task: Task, how: str) -> None:
-        entry.state = EntryState.SUBMITTED
-        entry.task_id = task.id
-        entry.owner = None
-        entry.lease_until = None
-        entry.history.append(f"task {task.id} {how} (attempt {entry.attempt})")
-        self.ledger.put(entry)
+    def _record_task(self, entry: LedgerEntry, task: ApiTask, how: str) -> SubmitOutcome:
+        """Record the task our POST made. If another worker took the claim over meanwhile and
+        recorded a different task, ours is kept as the entry's extra (explained, collectable) and
+        the item reconnects to the recorded one."""
 
-    def _reconcile(
-        self,
-        request: GenerateRequest,
-        entry: LedgerEntry,
-        sent_at: datetime,
-        failed_at: datetime,
-        *,
-        resubmit: bool,
+        def attempt() -> tuple[LedgerEntry, bool]:
+            with self.ledger.transaction():
+                current = self.ledger.get(entry.key) or entry
+                if current.state in LIVE_STATES and current.task_id != task.id:
+                    if task.id not in current.extra_tasks:
+                        current.extra_tasks.append(task.id)
+                        current.history.append(
+                            f"task {task.id} {how} after the claim was taken over; the item "
+                            f"keeps {current.task_id}"
+                        )
+                        self.ledger.put(current)
+                    return current, False
+                if current.state not in LIVE_STATES:
+                    current.state = EntryState.SUBMITTED
+                    current.task_id = task.id
+                    current.owner = None
+                    current.lease_until = None
+                    current.history.append(f"task {task.id} {how} (attempt {current.attempt})")
+                    self.ledger.put(current)
+                return current, True
+
+        recorded, ours = with_conflict_retry(attempt)
+        if not ours:
+            return self._reconnect(recorded)
+        return SubmitOutcome(task, recorded, adopted=how.startswith("adopted"))
+
+    def _settle(
+        self, request: GenerateRequest, entry: LedgerEntry, *, resubmit: bool
     ) -> SubmitOutcome:
-        offset = self.client.clock_offset
-        shift = timedelta(seconds=offset or 0)
-        skew = DEFAULT_SKEW if offset is not None else UNKNOWN_OFFSET_SKEW
+        """Reconcile the unresolved POST of ``entry`` (ours, inside the lane)."""
+        window = _span(entry, self.client.clock_offset)
         deadline = time.monotonic() + self.sibling_wait_seconds
         while True:
+            siblings = self._siblings(entry)
             result = reconcile(
                 self.client,
                 model=request.model,
                 task_type=request.task_type,
                 prompt=request.prompt,
-                sent_at=sent_at + shift,
-                failed_at=failed_at + shift,
-                exclude=self.ledger.known_task_ids(),
+                window=window,
+                known=self.ledger.known_task_ids,
+                floor=entry.floor,
+                floor_ids=entry.floor_ids,
+                siblings=[span for _, span in siblings],
                 settle_seconds=self.settle_seconds,
-                skew=skew,
             )
-            siblings = self._siblings(entry, sent_at - skew, failed_at + skew)
-            if result.task is None or not siblings:
+            overlapping = [other for other, span in siblings if _overlaps(span, window)]
+            if result.task is None or not overlapping:
                 break
-            in_flight = any(other.state is EntryState.SUBMITTING for other in siblings)
-            # The one candidate may belong to a concurrent submit of ours whose answer has not
-            # been recorded yet (or that is itself ambiguous): the task list shows no prompt, so
+            in_flight = any(
+                other.state is EntryState.SUBMITTING
+                and not owner_is_dead(other.owner)
+                and not other.lease_expired()
+                for other in overlapping
+            )
+            # The one candidate may belong to a concurrent submit whose answer has not been
+            # recorded yet (or that is itself ambiguous): the task list shows no prompt, so
             # adopting now could give this item another item's image. Let them settle first.
             if not in_flight or time.monotonic() > deadline:  # ambiguous ones stay ambiguous
                 result.task = None
                 result.evidence.note = (
-                    f"{len(siblings)} concurrent submit(s) of the same model are unresolved "
+                    f"{len(overlapping)} concurrent submit(s) of the same model are unresolved "
                     "in this window; adopting could take another item's task"
                 )
                 break
             time.sleep(self.owner_wait_poll)
         if result.task is not None:
-            self._record_submitted(entry, result.task, "adopted by reconciliation")
-            return SubmitOutcome(result.task, entry, adopted=True)
+            return self._record_task(entry, result.task, "adopted by reconciliation")
         if result.nothing_created and resubmit:
-            entry.history.append(f"reconciliation proved nothing was created ({result.evidence})")
-            with self.ledger.transaction():
-                self._claim(entry)
-            return self._post(request, entry, resubmit=False)
-        entry.state = EntryState.AMBIGUOUS
-        entry.owner = None
-        entry.error = {"message": "submit outcome unknown", "evidence": str(result.evidence)}
-        self.ledger.put(entry)
+            note = f"reconciliation proved nothing was created ({result.evidence})"
+
+            def reclaim(current: LedgerEntry) -> None:
+                current.history.append(note)
+                self._claim(current)
+
+            return self._post(request, self._transition(entry, reclaim), resubmit=False)
+
+        def ambiguous(current: LedgerEntry) -> None:
+            current.state = EntryState.AMBIGUOUS
+            current.owner = None
+            current.error = {"message": "submit outcome unknown", "evidence": str(result.evidence)}
+
+        with contextlib.suppress(_Replan):
+            self._transition(entry, ambiguous)
         raise ReconciliationError(
             "could not tell whether the lost submit created a task",
             evidence=str(result.evidence),
-            sent_at=sent_at,
-            failed_at=failed_at,
+            sent_at=entry.sent_at or window[0],
+            failed_at=entry.failed_at or window[1],
             model=request.model,
             prompt=request.prompt,
             task_type=request.task_type,
@@ -367,7 +478,7 @@ def record_outcome(
     ledger: LedgerStore,
     task_id: str,
     *,
-    task: Task | None = None,
+    task: ApiTask | None = None,
     error: BaseException | None = None,
     outputs: list[dict[str, Any]] | None = None,
     polls: int = 0,
@@ -381,7 +492,7 @@ def record_outcome(
 def _record_outcome(
     ledger: LedgerStore,
     task_id: str,
-    task: Task | None,
+    task: ApiTask | None,
     error: BaseException | None,
     outputs: list[dict[str, Any]] | None,
     polls: int,
