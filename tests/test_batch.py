@@ -71,7 +71,9 @@ def test_every_line_accounted_for_and_rerun_resumes(batch_env, local_s3, s3_buck
     assert {r["status"] for r in rows[:12]} == {"persisted"}
     assert [r["status"] for r in rows[12:]] == ["broken"] * 3
     assert all(r["s3_uris"][0].startswith(f"s3://{s3_bucket}/out/gen_") for r in rows[:12])
-    assert summary.total_cost == sum(Decimal(t["billed"]) for t in created)
+    # The batch cost what was billed; the rerun itself paid nothing.
+    assert summary.batch_cost == sum(Decimal(t["billed"]) for t in created)
+    assert summary.total_cost == 0 and summary.reused == 0
 
 
 def test_failures_are_reported_per_item(batch_env, local_s3, s3_bucket, tmp_path):
@@ -189,9 +191,45 @@ def test_recovery_finds_orphans_in_the_task_list(batch_env, local_s3, s3_bucket,
     with EggAPIClient(emulator_api_key, batch_env.base_url) as client:
         orphan = client.generate(model="nanobanana", prompt="made outside any ledger")
         client.wait_for_task(orphan, timeout=30)
-    summary = run(recover_outputs(scan_api_pages=2))
-    assert orphan.id in summary.persisted
-    assert run(recover_outputs(scan_api_pages=2)).persisted == []  # now recorded
+    # Not this ledger's: left alone unless asked for, then kept apart from the ledger's outputs.
+    assert orphan.id not in run(recover_outputs(scan_api_pages=2)).persisted
+    summary = run(recover_outputs(scan_api_pages=2, include_unknown=True))
+    assert orphan.id in summary.persisted and summary.unattributed == [orphan.id]
+    s3 = local_s3.client()
+    assert s3.head_object(Bucket=s3_bucket, Key=f"out/unattributed/{orphan.id}/0.png")
+    assert "Contents" not in s3.list_objects_v2(Bucket=s3_bucket, Prefix=f"out/{orphan.id}/")
+    again = run(recover_outputs(scan_api_pages=2, include_unknown=True))
+    assert again.persisted == []  # now recorded
+
+
+def test_recovery_survives_one_item_it_cannot_store(batch_env, ledger_dir, monkeypatch):
+    from prefect_eggapi.flows import recovery
+
+    ledger = SQLiteLedger(ledger_dir / "ledger.sqlite3")
+    for name in ("a", "b"):
+        ledger.put(
+            recovery.LedgerEntry(
+                key=name,
+                logical_key=name,
+                fingerprint="f",
+                state=EntryState.ABANDONED,
+                task_id=f"gen_{name}",
+                model="nanobanana",
+                task_type="image_generate",
+                prompt_sha256="x",
+            )
+        )
+    seen: list[str] = []
+
+    def recover_one(task_id, *args):
+        seen.append(task_id)
+        if task_id == "gen_a":
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recovery, "_recover_one", recover_one)
+    summary = run(recover_outputs(scan_api_pages=0))
+    assert seen == ["gen_a", "gen_b"]
+    assert "No space left" in summary.errors["gen_a"] and "gen_b" not in summary.errors
 
 
 @pytest.mark.timeout(900)

@@ -28,16 +28,23 @@ from functools import partial
 from typing import Any, Literal
 
 from prefect import flow
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, StrictInt, ValidationError, field_validator
 
 from prefect_eggapi.artifacts import Progress, artifact_key
 from prefect_eggapi.batch_input import BatchItem, BrokenLine, read_manifest
 from prefect_eggapi.errors import BudgetExceededError, InvalidRequestError, describe
 from prefect_eggapi.flows.pipeline import FlowParams, _credentials, _scheduled_slot
+from prefect_eggapi.ledger import LedgerStore, default_ledger
 from prefect_eggapi.models import AspectRatio, Model, Resolution
 from prefect_eggapi.pricing import estimate_cost, format_cost
 from prefect_eggapi.runtime import in_thread, run_logger
-from prefect_eggapi.storage import OutputStore, S3Settings
+from prefect_eggapi.storage import (
+    OutputStore,
+    S3Settings,
+    is_transient_s3_error,
+    put_if,
+    read_object,
+)
 
 ItemStatus = Literal["persisted", "failed", "skipped"]
 
@@ -54,8 +61,9 @@ class BatchParams(FlowParams):
     model: Model = "nanobanana"
     aspect_ratio: AspectRatio = "16:9"
     resolution: Resolution | None = None
-    num_outputs: int = Field(1, ge=1, le=4)
-    concurrency: int = Field(16, ge=1, le=1000, description="Items in flight at once.")
+    # Strict, as in GenerateRequest: "2" from a form or a CLI is refused, not paid for twice over.
+    num_outputs: int = Field(1, ge=1, le=4, strict=True)
+    concurrency: int = Field(16, ge=1, le=1000, strict=True, description="Items in flight.")
     budget: Decimal | None = Field(None, ge=0, description="USD cap for the whole batch.")
     wait_timeout: float = Field(600.0, gt=0, le=7 * 24 * 3600)
     bucket: str | None = None
@@ -97,15 +105,22 @@ class ItemResult(BaseModel):
 
 
 class BatchSummary(BaseModel):
+    """One run's view of the batch. ``total_cost`` is what *this run* paid: every persisted
+    item's cost is counted by exactly one run (the one whose status object for it was written
+    first), so the runs of a batch add up to what was billed; ``batch_cost`` is the whole
+    batch's."""
+
     run_key: str
     status_uri: str
     items: int
     persisted: int
     resumed: int = Field(description="Items already persisted by an earlier run (skipped).")
+    reused: int = Field(0, description="Items another run of the batch persisted meanwhile.")
     failed: int
     skipped: int
     broken_lines: int
-    total_cost: Decimal
+    total_cost: Decimal = Field(description="What this run paid.")
+    batch_cost: Decimal = Field(Decimal(0), description="What the batch's items cost in all.")
 
 
 def _budget_for(cap: Decimal, scope: str) -> Any:
@@ -124,11 +139,21 @@ def _batch_key(params: BatchParams, items: list[BatchItem]) -> str:
 class _Batch:
     """Per-run state; status objects are the durable record of what finished."""
 
-    def __init__(self, params: BatchParams, run_key: str, store: OutputStore, creds: Any) -> None:
+    def __init__(
+        self,
+        params: BatchParams,
+        run_key: str,
+        store: OutputStore,
+        creds: Any,
+        ledger: LedgerStore,
+    ) -> None:
         self.params = params
         self.run_key = run_key
         self.store = store
         self.creds = creds
+        self.ledger = ledger
+        self.paid = Decimal(0)  # what this run's own status objects account for
+        self.reused = 0
         self.base = "/".join(p for p in (store.prefix, "batches", run_key) if p)
         self.semaphore = asyncio.Semaphore(params.concurrency)
         self.stop_submitting = False
@@ -156,45 +181,80 @@ class _Batch:
                     done.add(item_id)
         return done
 
-    def load_persisted(self, item_id: str) -> ItemResult:
-        body = self.store.client.get_object(
-            Bucket=self.store.bucket, Key=self.status_key(item_id, "persisted")
-        )["Body"].read()
-        return ItemResult.model_validate_json(body)
+    def load_persisted(self, item_id: str) -> ItemResult | None:
+        found = read_object(
+            self.store.client, self.store.bucket, self.status_key(item_id, "persisted")
+        )
+        return ItemResult.model_validate_json(found[0]) if found else None
 
-    def record(self, result: ItemResult) -> None:
-        """Write the item's status object; remove a stale one of another status."""
+    def _delete(self, item_id: str, statuses: set[str]) -> None:
+        for status in statuses:
+            self.store.client.delete_object(
+                Bucket=self.store.bucket, Key=self.status_key(item_id, status)
+            )
+
+    def record(self, result: ItemResult) -> tuple[ItemResult, bool]:
+        """Write the item's one final status; returns it and whether this run's result is it.
+
+        ``persisted`` is written only where none exists (If-None-Match): when two runs finish
+        one item, the first write stands and the other run reports the item as reused, at no
+        cost. A failure never stands beside a persisted result: it is written only while none
+        exists, and taken back if one appeared meanwhile (the persisting run deletes stale
+        failures after its own write, so either order leaves one status).
+        """
         assert result.id is not None
-        client = self.store.client
+        client, bucket = self.store.client, self.store.bucket
+        body = result.model_dump_json().encode()
+        others = {"persisted", "failed", "skipped"} - {result.status}
+        if result.status == "persisted":
+            if put_if(client, bucket, self.status_key(result.id, "persisted"), body, None) is None:
+                winner = self.load_persisted(result.id)
+                if winner is not None:
+                    return winner, False
+                client.put_object(  # deleted in between: ours is the only one now
+                    Bucket=bucket, Key=self.status_key(result.id, "persisted"), Body=body
+                )
+            self._delete(result.id, others)
+            return result, True
+        winner = self.load_persisted(result.id)
+        if winner is not None:
+            return winner, False
         client.put_object(
-            Bucket=self.store.bucket,
+            Bucket=bucket,
             Key=self.status_key(result.id, result.status),
-            Body=result.model_dump_json().encode(),
+            Body=body,
             ContentType="application/json",
         )
-        # Only statuses the start-of-run listing saw can be stale (a fresh batch has none).
-        known = self.existing.setdefault(result.id, set())
-        for other in known - {result.status}:
-            client.delete_object(Bucket=self.store.bucket, Key=self.status_key(result.id, other))
-        self.existing[result.id] = {result.status}
+        self._delete(result.id, others - {"persisted"})
+        winner = self.load_persisted(result.id)
+        if winner is not None:
+            self._delete(result.id, {result.status})
+            return winner, False
+        return result, True
 
-    async def record_durably(self, result: ItemResult, attempts: int = 8) -> None:
-        """Status objects survive a short S3 outage: transient errors are retried with backoff
+    async def record_durably(self, result: ItemResult, attempts: int = 8) -> ItemResult:
+        """The item's final status (see :meth:`record`), counted once into this run's spend.
+
+        Status objects survive a short S3 outage: transient errors are retried with backoff
         (about a minute in all); if S3 stays away the result still reaches status.jsonl, and a
         rerun redoes the item for free (ledger + deterministic keys)."""
-        from prefect_eggapi.storage import is_transient_s3_error
-
+        final, ours = result, True
         for attempt in range(attempts):
             try:
-                await in_thread(partial(self.record, result))
-                return
+                final, ours = await in_thread(partial(self.record, result))
+                break
             except Exception as exc:
                 if not is_transient_s3_error(exc) or attempt == attempts - 1:
                     run_logger().warning(
                         "Could not write the status object of %s: %s", result.id, exc
                     )
-                    return
+                    break
                 await asyncio.sleep(min(16.0, 0.5 * 2**attempt))
+        if ours:
+            self.paid += final.cost
+        elif final.status == "persisted":
+            self.reused += 1
+        return final
 
     async def run_item(self, item: BatchItem, progress: Progress, total: int) -> ItemResult:
         from prefect_eggapi.tasks import agenerate_image
@@ -218,6 +278,7 @@ class _Batch:
                         budget=self.budget,
                         timeout=self.params.wait_timeout,
                         image_artifacts=False,
+                        ledger=self.ledger,
                     )
                     result = ItemResult(
                         id=item.id,
@@ -240,7 +301,7 @@ class _Batch:
                         task_id=getattr(exc, "task_id", None),
                         error=describe(exc),
                     )
-            await self.record_durably(result)
+            result = await self.record_durably(result)
         self.finished += 1
         percent = 100 * self.finished / max(total, 1)
         await in_thread(partial(progress.update, percent, f"{self.finished}/{total} items"))
@@ -257,6 +318,32 @@ def _status_lines(results: list[ItemResult], broken: list[BrokenLine]) -> bytes:
     ]
     rows.sort(key=lambda r: r["line"])
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+
+
+def _write_status(
+    batch: _Batch, key: str, results: list[ItemResult], broken: list[BrokenLine]
+) -> list[ItemResult]:
+    """Write ``status.jsonl`` from each item's final status; returns those statuses.
+
+    Items this run did not see persisted are read again first (another run of the batch may
+    have persisted them since), and the write is conditional on the status file this run read
+    before that: if another run wrote it meanwhile, look again. So the last file written never
+    says failed for an item that is persisted.
+    """
+    store = batch.store
+    while True:
+        current = read_object(store.client, store.bucket, key)
+        final = []
+        for result in results:
+            if result.status != "persisted" and result.id is not None:
+                result = batch.load_persisted(result.id) or result
+            final.append(result)
+        body = _status_lines(final, broken)
+        version = current[1] if current else None
+        if put_if(
+            store.client, store.bucket, key, body, version, content_type="application/x-ndjson"
+        ):
+            return final
 
 
 async def run_batch(params: BatchParams, *, credentials_block: str | None = None) -> BatchSummary:
@@ -293,13 +380,22 @@ async def run_batch(params: BatchParams, *, credentials_block: str | None = None
     if params.global_rate_limit:
         creds = creds.model_copy(update={"global_rate_limit": params.global_rate_limit})
     run_key = params.run_key or await _scheduled_slot() or _batch_key(params, items)
-    batch = _Batch(params, run_key, store, creds)
+    # Beside the outputs unless configured: a run retried in a fresh container finds it.
+    ledger = await in_thread(partial(default_ledger, beside=store))
+    batch = _Batch(params, run_key, store, creds, ledger)
 
     done_before = await in_thread(batch.already_persisted)
-    todo = [i for i in items if i.id not in done_before]
     resumed = [
-        await in_thread(partial(batch.load_persisted, i.id)) for i in items if i.id in done_before
+        r
+        for r in [
+            await in_thread(partial(batch.load_persisted, i.id))
+            for i in items
+            if i.id in done_before
+        ]
+        if r is not None
     ]
+    resumed_ids = {r.id for r in resumed}
+    todo = [i for i in items if i.id not in resumed_ids]
     estimate = sum((estimate_cost(i.request) for i in todo), Decimal(0))
     logger.info(
         "Batch %s: %d item(s) (%d already persisted, %d broken line(s)), up to %s, "
@@ -322,16 +418,7 @@ async def run_batch(params: BatchParams, *, credentials_block: str | None = None
     results += await asyncio.gather(*(batch.run_item(i, progress, len(items)) for i in todo))
 
     status_key = f"{batch.base}/status.jsonl"
-    body = _status_lines(results, broken)
-    await in_thread(
-        partial(
-            store.client.put_object,
-            Bucket=store.bucket,
-            Key=status_key,
-            Body=body,
-            ContentType="application/x-ndjson",
-        )
-    )
+    results = await in_thread(partial(_write_status, batch, status_key, results, broken))
     by_status = {
         s: [r for r in results if r.status == s] for s in ("persisted", "failed", "skipped")
     }
@@ -345,7 +432,9 @@ async def run_batch(params: BatchParams, *, credentials_block: str | None = None
         failed=len(by_status["failed"]),
         skipped=len(by_status["skipped"]),
         broken_lines=len(broken),
-        total_cost=total,
+        reused=batch.reused,
+        total_cost=batch.paid,
+        batch_cost=total,
     )
     problems = [
         ReportRow(
@@ -366,14 +455,16 @@ async def run_batch(params: BatchParams, *, credentials_block: str | None = None
         )
     )
     logger.info(
-        "Batch %s: %d persisted (%d resumed), %d failed, %d skipped, %d broken line(s); %s; "
-        "status %s",
+        "Batch %s: %d persisted (%d resumed, %d by another run), %d failed, %d skipped, "
+        "%d broken line(s); this run paid %s of %s; status %s",
         run_key,
         summary.persisted,
         summary.resumed,
+        summary.reused,
         summary.failed,
         summary.skipped,
         summary.broken_lines,
+        format_cost(batch.paid),
         format_cost(total),
         summary.status_uri,
     )
@@ -393,8 +484,8 @@ async def batch_generate(
     model: Literal["nanobanana", "nanobanana-pro"] = "nanobanana",
     aspect_ratio: Literal["16:9", "9:16"] = "16:9",
     resolution: Literal["1k", "2k", "4k"] | None = None,
-    num_outputs: int = 1,
-    concurrency: int = 16,
+    num_outputs: StrictInt = 1,
+    concurrency: StrictInt = 16,
     budget: float | None = None,
     wait_timeout: float = 600.0,
     bucket: str | None = None,

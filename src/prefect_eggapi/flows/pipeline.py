@@ -318,6 +318,8 @@ def _write_manifest(store: OutputStore, key: str, body: bytes) -> bool:
     """PUT the manifest unless an identical one is there; True when a new object was written."""
     from botocore.exceptions import ClientError
 
+    from prefect_eggapi.storage import is_not_found
+
     sha = hashlib.sha256(body).hexdigest()
     existed = False
     try:
@@ -326,12 +328,7 @@ def _write_manifest(store: OutputStore, key: str, body: bytes) -> bool:
         if (head.get("Metadata") or {}).get("sha256") == sha:
             return False
     except ClientError as exc:
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if status != 404 and exc.response.get("Error", {}).get("Code") not in (
-            "404",
-            "NoSuchKey",
-            "NotFound",
-        ):
+        if not is_not_found(exc):
             raise
     store.client.put_object(
         Bucket=store.bucket,
@@ -366,7 +363,8 @@ class _Run:
         self.run_key = run_key
         self.store = store
         self.credentials = credentials
-        self.ledger = default_ledger()
+        # Beside the outputs unless configured: a run retried in a fresh container finds it.
+        self.ledger = default_ledger(beside=store)
         self.semaphore = asyncio.Semaphore(params.concurrency)
         self.rows: list[Any] = []
 
@@ -424,10 +422,15 @@ class _Run:
                 else:
                     submit = asubmit_edit if request.is_edit else asubmit_generation
                     task = await submit(
-                        request, self.credentials, key=logical_key, label=label, budget=p.budget
+                        request,
+                        self.credentials,
+                        key=logical_key,
+                        label=label,
+                        budget=p.budget,
+                        ledger=self.ledger,
                     )
                 done = await await_for_task(
-                    task, self.credentials, timeout=p.wait_timeout, label=label
+                    task, self.credentials, timeout=p.wait_timeout, label=label, ledger=self.ledger
                 )
                 stored: list[StoredImage] = await adownload_outputs(
                     done,
@@ -435,6 +438,7 @@ class _Run:
                     self.credentials,
                     label=label,
                     image_artifacts=p.image_artifacts,
+                    ledger=self.ledger,
                     metadata={
                         "prompt": prompt[:_PROMPT_META_CHARS],
                         "pipeline-item": str(index),
@@ -442,7 +446,9 @@ class _Run:
                         "pipeline-run-key": self.run_key,
                     },
                 )
-            self.rows.append(result_of(request, done, stored, label=label).report_row())
+            self.rows.append(
+                result_of(request, done, stored, label=label, ledger=self.ledger).report_row()
+            )
             first = stored[0]
             for s in stored:
                 records.append(

@@ -4,12 +4,16 @@ EggAPI cannot cancel a task, so a wait that hit its deadline (``abandoned``) or 
 after submitting leaves work that may still complete and bill. Output retention is unknown, so
 this flow, meant to run on a schedule, finds those tasks and persists their outputs promptly:
 
-* ledger entries that are ``abandoned``, ``submitted`` or ``completed`` but not ``persisted``;
-* with ``scan_api_pages``, completed tasks in ``GET /v1/tasks`` that no ledger entry has persisted
-  (e.g. a submit whose ledger write was lost), unless ``include_unknown`` is off.
+* entries of *this* ledger that are ``abandoned``, ``submitted`` or ``completed`` but not
+  ``persisted``, stored under the usual deterministic keys beside the other outputs;
+* tasks an entry paid for beyond its own (a late answer after another worker took the claim
+  over: ``extra_tasks``), stored under ``{prefix}/unattributed/``;
+* only with ``include_unknown``: completed tasks in ``GET /v1/tasks`` that this ledger has never
+  seen (another ledger's, another job's on the same key, or a submit whose ledger write was
+  lost), also under ``{prefix}/unattributed/`` — never mixed with this ledger's outputs.
 
-Completed tasks are persisted under the usual deterministic keys (re-running is free: stored
-outputs are skipped); failed ones are recorded; unfinished ones are left for the next run.
+Re-running is free (stored outputs are skipped); failed tasks are recorded; unfinished ones are
+left for the next run; one item that cannot be stored does not stop the others.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from typing import Any
 from prefect import flow
 from pydantic import BaseModel, Field
 
+from prefect_eggapi.client import EggAPIClient
+from prefect_eggapi.credentials import EggAPICredentials
 from prefect_eggapi.errors import (
     ContentModerationError,
-    EggAPIError,
     EmptyOutputError,
     TaskFailedError,
     describe,
@@ -48,6 +53,9 @@ PENDING_STATES = {EntryState.ABANDONED, EntryState.SUBMITTED, EntryState.COMPLET
 class RecoverySummary(BaseModel):
     checked: int = 0
     persisted: list[str] = Field(default_factory=list, description="Task ids stored now.")
+    unattributed: list[str] = Field(
+        default_factory=list, description="Of those, tasks stored under {prefix}/unattributed/."
+    )
     failed: list[str] = Field(default_factory=list)
     still_running: list[str] = Field(default_factory=list)
     errors: dict[str, str] = Field(default_factory=dict)
@@ -55,32 +63,43 @@ class RecoverySummary(BaseModel):
 
 
 def _candidates(
-    ledger: LedgerStore, client: Any, scan_pages: int, include_unknown: bool, min_age: float
-) -> list[str]:
+    ledger: LedgerStore,
+    client: EggAPIClient,
+    scan_pages: int,
+    include_unknown: bool,
+    min_age: float,
+) -> tuple[list[str], set[str]]:
+    """Task ids to look at, and which of them belong to no item of this ledger."""
     now = datetime.now(UTC)
     ids: list[str] = []
-    for entry in ledger.entries(PENDING_STATES):
-        if entry.task_id and (now - entry.updated_at).total_seconds() >= min_age:
+    unattributed: set[str] = set()
+    for entry in ledger.entries():
+        old_enough = (now - entry.updated_at).total_seconds() >= min_age
+        if entry.state in PENDING_STATES and entry.task_id and old_enough:
             ids.append(entry.task_id)
+        for extra in entry.extra_tasks:
+            ids.append(extra)
+            unattributed.add(extra)
     if scan_pages and include_unknown:
-        persisted = {e.task_id for e in ledger.entries({EntryState.PERSISTED}) if e.task_id}
+        known = ledger.known_task_ids()
         horizon = now - timedelta(seconds=min_age)
         for task in client.iter_tasks(per_page=100, max_pages=scan_pages):
             if (
                 task.status is TaskStatus.COMPLETED
-                and task.id not in persisted
+                and task.id not in known
                 and task.id not in ids
                 and (task.created_at is None or task.created_at <= horizon)
             ):
                 ids.append(task.id)
-    return ids
+                unattributed.add(task.id)
+    return ids, unattributed
 
 
 def _recover_one(
     task_id: str,
-    client: Any,
+    client: EggAPIClient,
     store: OutputStore,
-    creds: Any,
+    creds: EggAPICredentials,
     ledger: LedgerStore,
     summary: RecoverySummary,
 ) -> None:
@@ -103,7 +122,8 @@ def _recover_one(
         return
     if ledger.find_task(task_id) is None:
         _adopt_orphan(ledger, task)
-    record_outcome(ledger, task_id, task=task)
+    else:
+        record_outcome(ledger, task_id, task=task)
     download_outputs.fn(task, store, creds, label="recovered", image_artifacts=False, ledger=ledger)
     summary.persisted.append(task_id)
     summary.recovered_cost += task.cost_amount
@@ -132,7 +152,7 @@ async def recover_outputs(
     bucket: str | None = None,
     prefix: str | None = None,
     scan_api_pages: int = 5,
-    include_unknown: bool = True,
+    include_unknown: bool = False,
     min_age_seconds: float = 0.0,
     credentials_block: str | None = None,
 ) -> RecoverySummary:
@@ -142,7 +162,8 @@ async def recover_outputs(
         bucket, prefix: where outputs go (default ``EGGAPI_S3_BUCKET`` / ``EGGAPI_S3_PREFIX``).
         scan_api_pages: pages of ``GET /v1/tasks`` (100 each, newest first) to search for
             completed tasks no ledger entry persisted; 0 checks the ledger only.
-        include_unknown: also persist completed tasks the ledger has never seen.
+        include_unknown: also persist completed tasks this ledger has never seen, under
+            ``{prefix}/unattributed/`` (off by default: they may be another job's).
         min_age_seconds: leave entries younger than this to the runs that own them.
     """
     logger = run_logger()
@@ -153,19 +174,25 @@ async def recover_outputs(
         overrides["prefix"] = prefix
     store = OutputStore.from_settings(S3Settings.from_env(**overrides))
     creds = await _credentials(credentials_block)
-    ledger = default_ledger()
+    ledger = default_ledger(beside=store)
     summary = RecoverySummary()
+    aside = OutputStore(store.client, store.bucket, f"{store.prefix}/unattributed".lstrip("/"))
     with creds.get_client() as client:
-        ids = await in_thread(
+        ids, unattributed = await in_thread(
             partial(_candidates, ledger, client, scan_api_pages, include_unknown, min_age_seconds)
         )
         for task_id in ids:
+            target = aside if task_id in unattributed else store
             try:
                 await in_thread(
-                    partial(_recover_one, task_id, client, store, creds, ledger, summary)
+                    partial(_recover_one, task_id, client, target, creds, ledger, summary)
                 )
-            except EggAPIError as exc:
+            except Exception as exc:  # one bad item must not stop the sweep
                 summary.errors[task_id] = describe(exc)["message"]
+                logger.warning("Recovery of %s failed: %s", task_id, summary.errors[task_id])
+            else:
+                if task_id in unattributed and task_id in summary.persisted:
+                    summary.unattributed.append(task_id)
     logger.info(
         "Recovery: %d checked, %d persisted (%s), %d failed, %d still running, %d error(s)",
         summary.checked,
