@@ -62,6 +62,9 @@ CASES: list[tuple[str, Callable[[Path], Any], str]] = [
     ("batch-concurrency-type", lambda t: batch(t, concurrency="many"), "concurrency"),
     ("batch-num-outputs-0", lambda t: batch(t, num_outputs=0), "num_outputs"),
     ("batch-num-outputs-5", lambda t: batch(t, num_outputs=5), "num_outputs"),
+    # As strict as the client: "2" is refused, not silently paid for as 2 images.
+    ("batch-num-outputs-str", lambda t: batch(t, num_outputs="2"), "num_outputs"),
+    ("batch-concurrency-str", lambda t: batch(t, concurrency="4"), "concurrency"),
     ("batch-budget-negative", lambda t: batch(t, budget=-1), "budget"),
     ("batch-budget-type", lambda t: batch(t, budget="lots"), "budget"),
     ("batch-wait-timeout-0", lambda t: batch(t, wait_timeout=0), "wait_timeout"),
