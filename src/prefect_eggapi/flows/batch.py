@@ -102,6 +102,9 @@ class ItemResult(BaseModel):
     cost: Decimal = Decimal("0")
     s3_uris: list[str] = Field(default_factory=list)
     error: dict[str, Any] | None = None
+    # The flow run whose status object this is: it accounts for the item's cost. A retry of
+    # that flow run (same id) takes over what a crashed attempt persisted.
+    run_id: str | None = None
 
 
 class BatchSummary(BaseModel):
@@ -129,6 +132,13 @@ def _budget_for(cap: Decimal, scope: str) -> Any:
     return Budget(cap=cap, scope=scope)
 
 
+def _flow_run_id() -> str | None:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
+
+
 def _batch_key(params: BatchParams, items: list[BatchItem]) -> str:
     digest = hashlib.sha256()
     for item in items:
@@ -154,6 +164,7 @@ class _Batch:
         self.ledger = ledger
         self.paid = Decimal(0)  # what this run's own status objects account for
         self.reused = 0
+        self.run_id = _flow_run_id()
         self.base = "/".join(p for p in (store.prefix, "batches", run_key) if p)
         self.semaphore = asyncio.Semaphore(params.concurrency)
         self.stop_submitting = False
@@ -203,6 +214,7 @@ class _Batch:
         failures after its own write, so either order leaves one status).
         """
         assert result.id is not None
+        result.run_id = self.run_id
         client, bucket = self.store.client, self.store.bucket
         body = result.model_dump_json().encode()
         others = {"persisted", "failed", "skipped"} - {result.status}
@@ -395,6 +407,9 @@ async def run_batch(params: BatchParams, *, credentials_block: str | None = None
         if r is not None
     ]
     resumed_ids = {r.id for r in resumed}
+    # What an earlier, crashed attempt of this same flow run persisted is this run's to report.
+    mine = [r.cost for r in resumed if r.run_id and r.run_id == batch.run_id]
+    batch.paid += sum(mine, Decimal(0))
     todo = [i for i in items if i.id not in resumed_ids]
     estimate = sum((estimate_cost(i.request) for i in todo), Decimal(0))
     logger.info(
