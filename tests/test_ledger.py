@@ -234,9 +234,7 @@ def test_a_ledger_lane_is_held_by_one_owner_at_a_time_across_store_instances(two
     a, b = two_workers
     entered: list[str] = []
     with a.lane("acct|nanobanana|image_generate", width=1, owner="host:1:a", seconds=30):
-        other = threading.Thread(
-            target=lambda: _enter(b, "host:1:b", entered), daemon=True
-        )
+        other = threading.Thread(target=lambda: _enter(b, "host:1:b", entered), daemon=True)
         other.start()
         other.join(0.5)
         assert other.is_alive() and entered == []  # b waits while a holds the lane

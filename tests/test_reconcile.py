@@ -20,9 +20,7 @@ def ids(tasks: list[Task]) -> list[str]:
 
 
 def test_a_lone_unknown_task_in_the_window_is_the_candidate():
-    candidates, foreign = classify(
-        [task("gen_mine", 2)], window=WINDOW, known=set(), floor=None
-    )
+    candidates, foreign = classify([task("gen_mine", 2)], window=WINDOW, known=set(), floor=None)
     assert ids(candidates) == ["gen_mine"] and foreign == []
 
 

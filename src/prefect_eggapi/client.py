@@ -649,9 +649,7 @@ class EggAPIClient(_BaseClient):
         return task
 
     def list_tasks(self, page: int = 1, per_page: int = 20) -> TaskPage:
-        result = TaskPage.model_validate(
-            self._get("/v1/tasks", self._list_params(page, per_page))
-        )
+        result = TaskPage.model_validate(self._get("/v1/tasks", self._list_params(page, per_page)))
         self.durations.see(result.items)
         return result
 

@@ -304,9 +304,7 @@ class SQLiteLedger:
 
     def get(self, key: str) -> LedgerEntry | None:
         with self._conn() as conn:
-            row = conn.execute(
-                "SELECT data, version FROM entries WHERE key = ?", (key,)
-            ).fetchone()
+            row = conn.execute("SELECT data, version FROM entries WHERE key = ?", (key,)).fetchone()
         return self._load(*row) if row else None
 
     def put(self, entry: LedgerEntry) -> None:
