@@ -1,4 +1,5 @@
-"""`prefect-eggapi demo`: the README's main job, as a user runs it, in a subprocess."""
+"""`prefect-eggapi demo`: the README's main job, as a user runs it, in a subprocess; and where it
+says the runs can be seen (unit tests, no servers)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from prefect_eggapi.demo import ui_hint, ui_url
 from procs import gone
-
-pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
 
@@ -24,6 +24,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.integration
 def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
     started = time.monotonic()
     done = subprocess.run(
@@ -59,6 +60,7 @@ def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path):
     print(f"\ndemo wall time {elapsed:.1f} s")
 
 
+@pytest.mark.integration
 def test_demo_fails_with_a_clear_message_and_cleans_up(tmp_path):
     # A count the templates cannot satisfy fails validation before any paid call.
     done = subprocess.run(
@@ -76,3 +78,38 @@ def test_demo_fails_with_a_clear_message_and_cleans_up(tmp_path):
     assert "none left." in out
     pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
     assert pids and all(gone(p) for p in pids)
+
+
+@pytest.mark.parametrize(
+    ("api_url", "ui"),
+    [
+        ("http://127.0.0.1:4200/api", "http://127.0.0.1:4200"),
+        ("http://127.0.0.1:4200/api/", "http://127.0.0.1:4200"),
+        ("https://prefect.example.com/team/api", "https://prefect.example.com/team"),
+    ],
+)
+def test_the_demo_points_at_the_ui_not_the_api(api_url, ui):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        assert ui_url(api_url) == ui
+        (line,) = ui_hint(api_url)
+    assert f"open {ui} -> Runs -> eggapi-image-pipeline" in line
+    assert "/api" not in line
+
+
+def test_the_demo_uses_prefect_ui_url_when_set():
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+    updates = {PREFECT_API_URL: "http://10.0.0.5:4200/api", PREFECT_UI_URL: "https://ui.example/"}
+    with temporary_settings(updates=updates):
+        assert ui_url("http://10.0.0.5:4200/api") == "https://ui.example"
+    # Another API than the configured one: its own address, without /api.
+    assert ui_url("http://127.0.0.1:4300/api") == "http://127.0.0.1:4300"
+
+
+def test_without_a_server_the_demo_says_how_to_start_one():
+    text = "\n".join(ui_hint(None))
+    assert "prefect server start" in text
+    assert "PREFECT_API_URL=http://127.0.0.1:4200/api prefect-eggapi demo" in text
+    assert "open http://127.0.0.1:4200 " in text

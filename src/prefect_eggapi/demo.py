@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from prefect_eggapi.flows.pipeline import PipelineSummary
     from prefect_eggapi.stack import LocalStack
 
-__all__ = ["configure_parser", "run"]
+__all__ = ["configure_parser", "run", "ui_hint", "ui_url"]
 
 DEMO_BUCKET = "eggapi-demo"
 DEMO_EDITS = (
@@ -133,6 +133,37 @@ def _object_count(stack: LocalStack) -> int:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket):
         count += len(page.get("Contents", []))
     return count
+
+
+def ui_url(api_url: str) -> str:
+    """The Prefect UI address for the API at ``api_url``.
+
+    Prefect's own ``PREFECT_UI_URL`` setting when it has one (set explicitly, or derived from
+    ``PREFECT_API_URL``: ``/api`` stripped, Prefect Cloud's app address), else ``api_url`` without
+    a trailing ``/api``.
+    """
+    ui: str | None = None
+    try:
+        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+        if (PREFECT_API_URL.value() or "").rstrip("/") == api_url.rstrip("/"):
+            ui = PREFECT_UI_URL.value()
+    except Exception:  # pragma: no cover - Prefect settings moved
+        ui = None
+    if not ui:
+        ui = api_url.rstrip("/").removesuffix("/api")
+    return ui.rstrip("/")
+
+
+def ui_hint(api_url: str | None) -> list[str]:
+    """Where to see the demo's runs: the UI of ``api_url``, or how to start a server with one."""
+    if api_url:
+        return [f"  open {ui_url(api_url)} -> Runs -> eggapi-image-pipeline (artifacts tab)"]
+    return [
+        "  prefect server start                      # in another shell, then:",
+        "  PREFECT_API_URL=http://127.0.0.1:4200/api prefect-eggapi demo",
+        "  open http://127.0.0.1:4200 -> Runs -> eggapi-image-pipeline (artifacts tab)",
+    ]
 
 
 def _stop_ephemeral_prefect() -> list[int]:
@@ -271,12 +302,8 @@ def run(args: argparse.Namespace) -> int:
                 raise DemoError("the rerun was not idempotent")
 
         _say("\nSee it in the Prefect UI:")
-        if api_url:
-            _say(f"  the runs are on {api_url} (flow 'eggapi-image-pipeline')")
-        else:
-            _say("  prefect server start                      # in another shell, then:")
-            _say("  PREFECT_API_URL=http://127.0.0.1:4200/api prefect-eggapi demo")
-            _say("  open http://127.0.0.1:4200 -> Runs -> eggapi-image-pipeline (artifacts tab)")
+        for line in ui_hint(api_url):
+            _say(line)
         status = 0
     except KeyboardInterrupt:
         _say("\nInterrupted.")

@@ -1,0 +1,146 @@
+"""Real Prefect processes for the deployment tests: `prefect server start`, the CLI, workers.
+
+Each server gets its own temporary ``PREFECT_HOME`` (SQLite) and a free loopback port; every
+process is started in its own session and stopped by its PID and the process group it leads.
+Used by ``test_deployments.py`` and ``test_scheduled_runs.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+POOL = "eggapi-process"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.3
+) -> Any:
+    """Poll ``condition`` until it returns something truthy (returned) or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM the process group this test started (by its leader's PID), then SIGKILL."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    # Children of the group (uvicorn workers, flow-run processes) must be gone as well.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without any PREFECT_*, EGGAPI_* or AWS_* variable."""
+    skip = ("PREFECT_", "EGGAPI_", "AWS_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(skip)}
+
+
+@contextlib.contextmanager
+def prefect_server(
+    home: Path, server_env: dict[str, str] | None = None, startup_timeout: float = 90
+) -> Iterator[dict[str, str]]:
+    """Run `prefect server start` (SQLite under ``home``); yield the env a client needs.
+
+    ``server_env`` goes to the server process only (e.g. scheduler loop settings).
+    """
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = clean_env()
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_URL=api,
+        PREFECT_CLI_COLORS="false",
+        PREFECT_CLI_WRAP_LINES="false",
+        PREFECT_SERVER_LOGGING_LEVEL="WARNING",
+        COLUMNS="200",
+    )
+    log_path = home / "server.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env={**env, **(server_env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def healthy() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(log_path.read_text(errors="replace")[-3000:])
+        try:
+            return httpx.get(f"{api}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(healthy, startup_timeout, "prefect server start")
+        yield env
+    finally:
+        stop(proc)
+        log.close()
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 120, cwd: Path = REPO) -> str:
+    """Run `prefect ARGS` to completion; its output (asserts exit status 0)."""
+    done = subprocess.run(
+        [str(BIN / "prefect"), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{out}"
+    return out
+
+
+def start_worker(
+    env: dict[str, str], log_path: Path, cwd: Path, *args: str
+) -> subprocess.Popen[bytes]:
+    """`prefect worker start --pool eggapi-process ARGS` in its own session, output to a file."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", POOL, *args],
+            env=env,
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
