@@ -35,6 +35,9 @@ from typing import Any
 
 import httpx
 
+from procs import gone
+from reliability_common import wait_until
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 WORKER_SCRIPT = TESTS / "mw_worker.py"
@@ -48,19 +51,6 @@ per process) instead of sharing the session's test Prefect API (as workers share
 
 
 # --------------------------------------------------------------------------- waiting
-
-
-def wait_until(
-    condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- environment
@@ -339,20 +329,8 @@ class Workers:
     def close(self) -> None:
         for worker in self.all:
             worker.close()
-        leaked = [w.pid for w in self.all if _alive(w.pid)]
+        leaked = [w.pid for w in self.all if not gone(w.pid)]
         assert not leaked, f"worker processes still alive after close(): {leaked}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager
