@@ -29,6 +29,7 @@ points the workers at another copy of ``src`` (e.g. ``git archive HEAD src``).
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -44,6 +45,8 @@ from multiworker_common import (
     Stack,
     Verdict,
     Workers,
+    _get,
+    _list,
     fault_rules,
     foreign_task,
     judge,
@@ -330,6 +333,18 @@ def test_d_fresh_container_with_default_config_never_pays_twice(mw: MW) -> None:
     mw.pool.wait_all([w2], 200)
     rerun_new = mw.created() - at_kill
     refused = w2.proc.returncode != 0 and rerun_new == 0 and "ledger" in w2.tail(20000).lower()
+    # The entry file leaves no flow run id behind: tell the runs apart by the status objects.
+    # The killed run can have written at most the 6 items whose answers came back before the
+    # kill; the rerun wrote the rest. A killed run reports nothing, so its share is counted
+    # from its own status objects (as in F).
+    writers = Counter(
+        json.loads(_get(mw.s3, mw.bucket, key) or b"{}").get("run_id")
+        for key in _list(mw.s3, mw.bucket, "d/batches/")
+        if key.endswith(".persisted.json")
+    )
+    rerun_id = writers.most_common(1)[0][0] if writers else None
+    killed_ids = [r for r in writers if r != rerun_id]
+    assert sum(writers[r] for r in killed_ids) <= 6, writers
     v = judge(
         emulator=mw.emulator,
         api_key=mw.api_key,
@@ -340,6 +355,8 @@ def test_d_fresh_container_with_default_config_never_pays_twice(mw: MW) -> None:
         if not refused
         else [],
         reports=None if refused else [w2.reported_cost()],
+        run_ids=None if refused else [rerun_id],
+        killed_run_ids=killed_ids,
         expect_all_persisted=not refused,
         report_label="rerun",
     )
