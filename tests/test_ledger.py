@@ -292,3 +292,24 @@ def test_a_lane_counts_everyones_posts_against_each_submitters_width():
         assert waiter.is_alive() and done == []  # width 1: waits while anyone is in flight
     waiter.join(5)
     assert done == ["narrow"]
+
+
+def test_a_task_indexed_by_a_writer_killed_before_its_entry_write_is_adopted_not_paid_again(
+    store, client, emulator
+):
+    # The S3 store writes tasks/<id> before the entry: a worker SIGKILLed between the two leaves
+    # the item's own task in the index while its entry still says "submitting". Excluding it as
+    # "known" made the window look empty and the item was paid twice (3-worker chaos test).
+    paid = client.generate(REQ)
+    key = put_dead_owner_claim(store, "crash/item-9", sent_seconds_ago=1)
+    if isinstance(store, SQLiteLedger):
+        with store._conn() as conn:
+            conn.execute("INSERT INTO task_ids (task_id, key) VALUES (?, ?)", (paid.id, key))
+    else:
+        store._s3.put_object(Bucket=store.bucket, Key=store._task_key(paid.id), Body=key.encode())
+    assert paid.id in store.known_task_ids()
+    outcome = Submitter(client, store, settle_seconds=0.2).submit(
+        REQ, logical_key="crash/item-9", scope="crash"
+    )
+    assert outcome.adopted and outcome.task.id == paid.id
+    assert [t["task_id"] for t in emulator.created_tasks()] == [paid.id]

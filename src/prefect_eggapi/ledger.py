@@ -173,6 +173,8 @@ class LedgerStore(Protocol):
 
     def known_task_ids(self) -> set[str]: ...
 
+    def task_entry_key(self, task_id: str) -> str | None: ...
+
     def unresolved(self) -> list[LedgerEntry]: ...
 
     def scope_spend(self, scope: str) -> Decimal: ...
@@ -357,6 +359,12 @@ class SQLiteLedger:
         with self._conn() as conn:
             return {r[0] for r in conn.execute("SELECT task_id FROM task_ids")}
 
+    def task_entry_key(self, task_id: str) -> str | None:
+        """The entry a task id is indexed to (None: not indexed)."""
+        with self._conn() as conn:
+            row = conn.execute("SELECT key FROM task_ids WHERE task_id = ?", (task_id,)).fetchone()
+        return str(row[0]) if row else None
+
     def unresolved(self) -> list[LedgerEntry]:
         states = tuple(s.value for s in UNRESOLVED_STATES)
         with self._conn() as conn:
@@ -520,6 +528,13 @@ class S3Ledger:
     def known_task_ids(self) -> set[str]:
         base = f"{self.prefix}/tasks/"
         return {k[len(base) :] for k in self._list(base)}
+
+    def task_entry_key(self, task_id: str) -> str | None:
+        """The entry a task id is indexed to (None: not indexed). The index is written before
+        the entry, so a writer killed in between leaves its task indexed to an entry that does
+        not record it yet: that task is still the entry's own."""
+        found = self._read(self._task_key(task_id))
+        return found[0].decode() if found else None
 
     def unresolved(self) -> list[LedgerEntry]:
         base = f"{self.prefix}/unresolved/"

@@ -139,20 +139,32 @@ def reconcile(
     floor_ids: Collection[str] = (),
     siblings: Sequence[Span] = (),
     settle_seconds: float = 2.0,
+    own: Callable[[str], bool] = lambda task_id: False,
 ) -> Reconciliation:
     """Adopt a lone candidate when nothing else unknown is near; prove absence with two empty
     looks; otherwise report what was seen. ``known`` is read after each scan, so a task recorded
-    by another worker while we scanned is never taken for ours."""
+    by another worker while we scanned is never taken for ours; a known task in the window that
+    ``own`` says is indexed to this very entry (its writer died between the index and the entry)
+    stays a candidate."""
     evidence = Evidence(*window)
 
     def look() -> tuple[list[Task], list[Task]]:
         tasks, evidence.scanned = scan(
             client, model=model, task_type=task_type, prompt=prompt, since=window[0] - LOOKBACK
         )
+        seen = known()
+        seen -= {
+            t.id
+            for t in tasks
+            if t.id in seen
+            and t.created_at is not None
+            and window[0] <= t.created_at <= window[1]
+            and own(t.id)
+        }
         candidates, foreign = classify(
             tasks,
             window=window,
-            known=known(),
+            known=seen,
             floor=floor,
             floor_ids=floor_ids,
             siblings=siblings,

@@ -424,6 +424,7 @@ class Submitter:
                 floor_ids=entry.floor_ids,
                 siblings=[span for _, span in siblings],
                 settle_seconds=self.settle_seconds,
+                own=lambda task_id: self.ledger.task_entry_key(task_id) == entry.key,
             )
             overlapping = [other for other, span in siblings if _overlaps(span, window)]
             if result.task is None or not overlapping:
