@@ -199,10 +199,17 @@ class _Batch:
         return ItemResult.model_validate_json(found[0]) if found else None
 
     def _delete(self, item_id: str, statuses: set[str]) -> None:
-        for status in statuses:
-            self.store.client.delete_object(
-                Bucket=self.store.bucket, Key=self.status_key(item_id, status)
-            )
+        """Remove the item's other status objects in one request (missing keys are fine): every
+        persisted item pays this once, so two DELETEs per item would add up in a large batch."""
+        if not statuses:
+            return
+        self.store.client.delete_objects(
+            Bucket=self.store.bucket,
+            Delete={
+                "Objects": [{"Key": self.status_key(item_id, s)} for s in sorted(statuses)],
+                "Quiet": True,
+            },
+        )
 
     def record(self, result: ItemResult) -> tuple[ItemResult, bool]:
         """Write the item's one final status; returns it and whether this run's result is it.
