@@ -47,6 +47,24 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def api_read(method: str, url: str, json: object = None, attempts: int = 4) -> object:
+    """One read of the Prefect API, tried again on a transport error.
+
+    A SQLite-backed server on a loaded CI machine can hold a request longer than any sane client
+    timeout while a flow run writes (CI saw a 10 s ReadTimeout on ``GET /flow_runs/{id}`` during
+    a run); a read has no side effect, so asking again is the honest answer. Non-2xx answers raise.
+    """
+    for attempt in range(attempts):
+        try:
+            response = httpx.request(method, url, json=json, timeout=30)
+            response.raise_for_status()
+            return response.json()
+        except httpx.TransportError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def clean_env() -> dict[str, str]:
     """This process's environment without any PREFECT_*, EGGAPI_* or AWS_* variable."""
     skip = ("PREFECT_", "EGGAPI_", "AWS_")

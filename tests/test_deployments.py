@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from prefect_procs import BIN, POOL, REPO, clean_env, prefect_server, stop, wait_until
+from prefect_procs import BIN, POOL, REPO, api_read, clean_env, prefect_server, stop, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -150,7 +150,8 @@ def test_the_readme_commands_deploy_and_a_worker_completes_a_run(prefect_env, tm
         out = worker_log.read_text(errors="replace")
         assert "eggapi-image-pipeline/nightly-posters" in out
         assert "eggapi-image-pipeline/on-demand" in out
-        deployments = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
+        deployments = api_read("POST", f"{api}/deployments/filter", {})
+        assert isinstance(deployments, list), deployments
         by_name = {d["name"]: d for d in deployments}
         assert by_name["nightly-posters"]["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
         assert by_name["on-demand"]["work_pool_name"] == POOL

@@ -22,12 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
 from prefect_eggapi.stack import LocalStack
-from prefect_procs import POOL, REPO, cli, prefect_server, start_worker, stop, wait_until
+from prefect_procs import POOL, REPO, api_read, cli, prefect_server, start_worker, stop, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -80,12 +79,14 @@ def _runs(api: str, deployment_id: str) -> list[dict[str, Any]]:
         "flow_runs": {"deployment_id": {"any_": [deployment_id]}},
         "sort": "EXPECTED_START_TIME_ASC",
     }
-    runs: list[dict[str, Any]] = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json()
+    runs = api_read("POST", f"{api}/flow_runs/filter", body)
+    assert isinstance(runs, list), runs
     return runs
 
 
 def _run(api: str, flow_run_id: str) -> dict[str, Any]:
-    run: dict[str, Any] = httpx.get(f"{api}/flow_runs/{flow_run_id}", timeout=10).json()
+    run = api_read("GET", f"{api}/flow_runs/{flow_run_id}")
+    assert isinstance(run, dict), run
     return run
 
 
@@ -143,9 +144,8 @@ def test_a_scheduled_run_completes_and_a_rerun_of_its_slot_pays_nothing(
     deployed = time.monotonic()
     late = dt.datetime.now(dt.UTC) - slot
     assert late < dt.timedelta(seconds=-1), f"deploy ended {late} after the slot it was to schedule"
-    deployment = httpx.get(
-        f"{api}/deployments/name/eggapi-image-pipeline/{DEPLOYMENT}", timeout=10
-    ).json()
+    deployment = api_read("GET", f"{api}/deployments/name/eggapi-image-pipeline/{DEPLOYMENT}")
+    assert isinstance(deployment, dict), deployment
     deployment_id = deployment["id"]
     assert deployment["schedules"][0]["schedule"]["interval"] == 3600
 
