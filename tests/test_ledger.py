@@ -313,3 +313,15 @@ def test_a_task_indexed_by_a_writer_killed_before_its_entry_write_is_adopted_not
     )
     assert outcome.adopted and outcome.task.id == paid.id
     assert [t["task_id"] for t in emulator.created_tasks()] == [paid.id]
+
+
+def test_a_delivery_is_recorded_once_and_the_first_writer_wins(two_workers):
+    """The receiver's attribution log: nonce -> task id, written once, seen by every instance."""
+    a, b = two_workers
+    assert a.delivered("nonce-1") is None
+    assert a.record_delivery("nonce-1", "gen_first") == "gen_first"
+    assert b.delivered("nonce-1") == "gen_first"
+    # A second delivery to the same nonce (one POST makes one task) cannot rewrite it.
+    assert b.record_delivery("nonce-1", "gen_second") == "gen_first"
+    assert a.delivered("nonce-1") == "gen_first"
+    assert b.delivered("nonce-2") is None

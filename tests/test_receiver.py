@@ -203,6 +203,51 @@ def test_a_delivery_whose_signal_could_not_be_written_can_be_redelivered(
     assert rec.signals is not None and rec.signals.has("gen_aaaaaaaaaaaa", "completed")
 
 
+def test_a_signed_delivery_to_a_nonce_path_is_attributed_once_and_unsigned_never(
+    fake: FakeProcessor, tmp_path: Path
+) -> None:
+    """``{path}/s/<nonce>``: signed and confirmed -> nonce -> task in the delivery log; a second
+    task on the same nonce is refused (first wins); malformed nonces are 404; unsigned: nothing."""
+    from prefect_eggapi.ledger import SQLiteLedger
+    from prefect_eggapi.webhooks import new_nonce
+
+    log = SQLiteLedger(tmp_path / "ledger.sqlite3")
+    nonce, other = new_nonce(), new_nonce()
+    rec = WebhookReceiver([SECRET], processor=fake, deliveries=log)
+    with serve_asgi(rec.app) as url:
+        base = url + rec.path
+        body, headers = signed(payload("gen_ours"))
+        assert httpx.post(f"{base}/s/{nonce}", content=body, headers=headers).status_code == 202
+        wait_stat(rec, "attributed")
+        assert log.delivered(nonce) == "gen_ours"
+        body, headers = signed(payload("gen_forged"), ts=int(time.time()) - 1)
+        assert httpx.post(f"{base}/s/{nonce}", content=body, headers=headers).status_code == 202
+        wait_stat(rec, "nonce_conflict")
+        assert log.delivered(nonce) == "gen_ours"
+        body, headers = signed(payload("gen_x"), ts=int(time.time()) - 2)
+        for bad in ("short", "a" * 23, "../../etc"):
+            response = httpx.post(f"{base}/s/{bad}", content=body, headers=headers)
+            assert response.status_code == 404, (bad, response.text)
+        # The plain path still works and attributes nothing.
+        body, headers = signed(payload("gen_plain"), ts=int(time.time()) - 3)
+        assert httpx.post(base, content=body, headers=headers).status_code == 202
+        wait_stat(rec, "processed", 3)
+    assert log.delivered(other) is None
+
+    unsigned = WebhookReceiver(None, processor=fake, deliveries=log, allow_unsigned=True)
+    with serve_asgi(unsigned.app) as url:
+        body = json.dumps(payload("gen_unsigned")).encode()
+        response = httpx.post(
+            f"{url}{unsigned.path}/s/{other}",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status_code == 202
+        wait_stat(unsigned, "processed")
+    assert log.delivered(other) is None
+    assert unsigned.stats["attributed"] == 0
+
+
 def test_signal_files_of_an_older_version_gain_the_task_column(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as conn:

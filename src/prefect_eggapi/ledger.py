@@ -136,6 +136,9 @@ class LedgerEntry(BaseModel):
     # Tasks this entry paid for beyond ``task_id`` (a late answer after another worker took over):
     # kept so that every billed task is explained and recovery can collect it.
     extra_tasks: list[str] = Field(default_factory=list)
+    # The per-submission webhook nonces of this entry's POSTs, newest last (webhooks on only):
+    # a signed delivery to ``.../s/<nonce>`` names the task that POST created, exactly.
+    nonces: list[str] = Field(default_factory=list)
     spend_micros: int | None = None  # the spend marker the S3 store wrote last
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     retryable: bool | None = None
@@ -186,6 +189,21 @@ class LedgerStore(Protocol):
     def lane(
         self, name: str, *, width: int, owner: str, seconds: float
     ) -> AbstractContextManager[None]: ...
+
+    def record_delivery(self, nonce: str, task_id: str) -> str: ...
+
+    def delivered(self, nonce: str) -> str | None: ...
+
+
+class DeliveryLog(Protocol):
+    """Where the webhook receiver writes which task a submission's nonce was delivered for.
+
+    First write wins and is never changed: ``record_delivery`` returns the task id on record.
+    """
+
+    def record_delivery(self, nonce: str, task_id: str) -> str: ...
+
+    def delivered(self, nonce: str) -> str | None: ...
 
 
 class LedgerConflictError(Exception):
@@ -257,6 +275,10 @@ class SQLiteLedger:
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS lanes (name TEXT, slot INTEGER, owner TEXT,"
                 " until REAL, PRIMARY KEY (name, slot))"
+            )
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS deliveries (nonce TEXT PRIMARY KEY,"
+                " task_id TEXT NOT NULL, received_at REAL NOT NULL)"
             )
 
     def __repr__(self) -> str:
@@ -417,6 +439,23 @@ class SQLiteLedger:
                     (name, slot, owner),
                 )
 
+    def record_delivery(self, nonce: str, task_id: str) -> str:
+        with self.transaction(), self._conn() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO deliveries (nonce, task_id, received_at) VALUES (?, ?, ?)",
+                (nonce, task_id, time.time()),
+            )
+        recorded = self.delivered(nonce)
+        assert recorded is not None
+        return recorded
+
+    def delivered(self, nonce: str) -> str | None:
+        with self._conn() as conn:
+            row = conn.execute(
+                "SELECT task_id FROM deliveries WHERE nonce = ?", (nonce,)
+            ).fetchone()
+        return str(row[0]) if row else None
+
 
 class S3Ledger:
     """Entries as JSON objects in a bucket, shared by every worker on every machine.
@@ -427,7 +466,8 @@ class S3Ledger:
     (written before the entry, so a recorded task is never missing from the index);
     ``unresolved/<key>`` marks entries whose POST outcome is open; per-scope spend is kept in
     marker object *names* (``spend/<scope>/<key>.<micro-dollars>``) so one LIST sums a budget;
-    ``lanes/<name>/<slot>.json`` are the cross-worker submit leases.
+    ``lanes/<name>/<slot>.json`` are the cross-worker submit leases; ``deliveries/<nonce>``
+    names the task a webhook was delivered for (written once, by the receiver).
     """
 
     def __init__(self, s3_client: S3Client, bucket: str, prefix: str = "eggapi/ledger") -> None:
@@ -454,6 +494,9 @@ class S3Ledger:
 
     def _lane_key(self, name: str, slot: int) -> str:
         return f"{self.prefix}/lanes/{hashlib.sha256(name.encode()).hexdigest()[:32]}/{slot}.json"
+
+    def _delivery_key(self, nonce: str) -> str:
+        return f"{self.prefix}/deliveries/{nonce}"
 
     def _list(self, prefix: str) -> Iterator[str]:
         pages = self._s3.get_paginator("list_objects_v2").paginate(
@@ -589,6 +632,18 @@ class S3Ledger:
             with contextlib.suppress(LedgerConflictError):
                 self._put_if(held[0], json.dumps({"owner": None}).encode(), held[1])
 
+    def record_delivery(self, nonce: str, task_id: str) -> str:
+        with contextlib.suppress(LedgerConflictError):
+            self._put_if(self._delivery_key(nonce), task_id.encode(), None)
+            return task_id
+        recorded = self.delivered(nonce)
+        assert recorded is not None
+        return recorded
+
+    def delivered(self, nonce: str) -> str | None:
+        found = self._read(self._delivery_key(nonce))
+        return found[0].decode() if found else None
+
 
 def default_ledger(beside: OutputStore | None = None) -> LedgerStore:
     """The ledger this configuration names, one instance per process and location.
@@ -603,22 +658,30 @@ def default_ledger(beside: OutputStore | None = None) -> LedgerStore:
     if uri:
         if not uri.startswith("s3://") or len(uri) <= len("s3://"):
             raise ValueError(f"{LEDGER_URI_ENV} must look like s3://bucket/prefix, got {uri!r}")
-        bucket, _, prefix = uri[len("s3://") :].partition("/")
-        ident: str | Path = uri
-    elif not directory and beside is not None:
-        bucket, prefix = beside.bucket, "/".join(p for p in (beside.prefix, "ledger") if p)
-        ident = f"s3://{bucket}/{prefix}"
-    else:
-        ident = Path(directory or DEFAULT_LEDGER_DIR).resolve()
+        return ledger_at(uri)
+    if not directory and beside is not None:
+        prefix = "/".join(p for p in (beside.prefix, "ledger") if p)
+        ident = f"s3://{beside.bucket}/{prefix}"
+        with _DEFAULTS_LOCK:
+            if ident not in _DEFAULTS:
+                _DEFAULTS[ident] = S3Ledger(beside.client, beside.bucket, prefix)
+            return _DEFAULTS[ident]
+    return ledger_at(directory or DEFAULT_LEDGER_DIR)
+
+
+def ledger_at(location: str | Path) -> LedgerStore:
+    """The ledger at ``s3://bucket/prefix`` (S3 settings from the environment) or in a
+    directory (SQLite), one instance per process and location."""
+    text = str(location)
+    ident: str | Path = text if text.startswith("s3://") else Path(text).resolve()
     with _DEFAULTS_LOCK:
         if ident not in _DEFAULTS:
             if isinstance(ident, Path):
                 _DEFAULTS[ident] = SQLiteLedger(ident / "ledger.sqlite3")
-            elif beside is not None and not uri:
-                _DEFAULTS[ident] = S3Ledger(beside.client, bucket, prefix)
             else:
                 from prefect_eggapi.storage import S3Settings, build_s3_client
 
+                bucket, _, prefix = text[len("s3://") :].partition("/")
                 client = build_s3_client(S3Settings.from_env(bucket=bucket))
                 _DEFAULTS[ident] = S3Ledger(client, bucket, prefix or "eggapi/ledger")
         return _DEFAULTS[ident]

@@ -10,6 +10,11 @@ slow happens after the answer, in a worker thread: the task is re-read with
 status, ``eggapi.task.completed`` / ``eggapi.task.failed`` is emitted as a Prefect event with
 resource ``eggapi.task.<id>``. Waits in other processes wake through :class:`SQLiteSignals`.
 
+Deliveries to ``{path}/s/<nonce>`` (the per-submission URL the submitter sends, see
+:func:`prefect_eggapi.webhooks.with_nonce`) are *attributions*: once signed and confirmed by the
+re-read, ``nonce → task id`` is written to the ledger's delivery log, where a submitter whose
+202 was lost finds exactly the task its POST created. Unsigned deliveries never attribute.
+
 Answers: 202 accepted; 200 duplicate (already seen ``(task_id, status)``) or ignored
 (non-terminal or unknown event); 400 malformed body or header; 401 missing or wrong signature,
 stale or future timestamp; 405 other methods; 409 replay; 413 too large. Rejections are logged
@@ -38,10 +43,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from prefect_eggapi.ledger import DeliveryLog
 from prefect_eggapi.models import Task, WebhookPayload
 from prefect_eggapi.signals import SQLiteSignals, default_signals_path
 from prefect_eggapi.webhooks import (
     DEFAULT_TOLERANCE_SECONDS,
+    NONCE_RE,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     WebhookError,
@@ -53,6 +60,7 @@ from prefect_eggapi.webhooks import (
 if TYPE_CHECKING:
     from prefect_eggapi.client import EggAPIClient
     from prefect_eggapi.credentials import EggAPICredentials
+    from prefect_eggapi.ledger import LedgerStore
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -163,6 +171,8 @@ class WebhookReceiver:
         secrets: accepted signing secrets (two during a rotation).
         processor: called in a worker thread after the answer; default :class:`EggAPIReconciler`.
         signals: where waits in other processes learn about the delivery (None: nowhere).
+        deliveries: where signed deliveries to ``{path}/s/<nonce>`` are attributed (the ledger
+            the submitters use; None: nonces are not recorded).
         tolerance: accepted clock difference in seconds, both directions.
         max_body_bytes: larger bodies are refused with 413 without being read further.
         allow_unsigned: accept unsigned deliveries when no secret is configured (hints only).
@@ -176,6 +186,7 @@ class WebhookReceiver:
         *,
         processor: PayloadProcessor | None = None,
         signals: SQLiteSignals | None = None,
+        deliveries: DeliveryLog | None = None,
         tolerance: float = DEFAULT_TOLERANCE_SECONDS,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         allow_unsigned: bool = False,
@@ -190,6 +201,7 @@ class WebhookReceiver:
             )
         self.processor: PayloadProcessor = processor or EggAPIReconciler()
         self.signals = signals
+        self.deliveries = deliveries
         self.tolerance = tolerance
         self.max_body_bytes = max_body_bytes
         self.allow_unsigned = allow_unsigned
@@ -202,6 +214,7 @@ class WebhookReceiver:
         self.app = Starlette(
             routes=[
                 Route(self.path, self._handle, methods=["POST"]),
+                Route(f"{self.path.rstrip('/')}/s/{{nonce}}", self._handle, methods=["POST"]),
                 Route("/healthz", self._health, methods=["GET"]),
             ]
         )
@@ -248,6 +261,9 @@ class WebhookReceiver:
         return b"".join(chunks)
 
     async def _handle(self, request: Request) -> Response:
+        nonce: str | None = request.path_params.get("nonce")
+        if nonce is not None and not NONCE_RE.fullmatch(nonce):
+            return self._reject(request, 404, "unknown_path", "not a submission's webhook path")
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "application/json":
             return self._reject(
@@ -283,10 +299,13 @@ class WebhookReceiver:
             log.info("duplicate webhook for %s (%s)", payload.task_id, status)
             return JSONResponse({"status": "duplicate"}, status_code=200)
         self._count("accepted")
+        if nonce is not None and not signed:
+            log.info("unsigned delivery for %s: its nonce attributes nothing", payload.task_id)
+            nonce = None
         return JSONResponse(
             {"status": "accepted"},
             status_code=202,
-            background=BackgroundTask(self.process, payload, now),
+            background=BackgroundTask(self.process, payload, now, nonce),
         )
 
     # ------------------------------------------------------------------ bookkeeping
@@ -326,8 +345,11 @@ class WebhookReceiver:
         with self._lock:
             self._seen.pop((task_id, status), None)
 
-    def process(self, payload: WebhookPayload, received_at: float) -> None:
-        """Re-read and announce one new delivery (runs in a worker thread, after the answer)."""
+    def process(
+        self, payload: WebhookPayload, received_at: float, nonce: str | None = None
+    ) -> None:
+        """Re-read, attribute and announce one new delivery (in a worker thread, after the
+        answer). ``nonce``: the signed per-submission path it came to, if any."""
         status = payload.status.value
         try:
             task = self.processor(payload)
@@ -345,6 +367,24 @@ class WebhookReceiver:
                 "webhook said %s is %s but the API does not confirm it", payload.task_id, status
             )
             return
+        if nonce is not None and self.deliveries is not None:
+            try:
+                recorded = self.deliveries.record_delivery(nonce, task.id)
+            except Exception as exc:
+                self._forget(payload.task_id, status)  # a redelivery may try again
+                self._count("attribution_failed")
+                log.warning("could not record the delivery of %s: %s", task.id, type(exc))
+                return
+            if recorded != task.id:  # one POST, one task: a second one is someone's forgery
+                self._count("nonce_conflict")
+                log.warning(
+                    "a delivery for %s came to a nonce already delivered for %s; kept %s",
+                    task.id,
+                    recorded,
+                    recorded,
+                )
+            else:
+                self._count("attributed")
         if self.signals is not None:
             # Wakes the waits with the task just read, so they need no GET of their own.
             try:
@@ -420,6 +460,14 @@ def configure_parser(subparsers: Any) -> argparse.ArgumentParser:
         "else .eggapi/webhook-signals.sqlite).",
     )
     parser.add_argument(
+        "--ledger",
+        default=None,
+        metavar="LOCATION",
+        help="Ledger that submitters use, where deliveries to per-submission URLs are "
+        "attributed: s3://bucket/prefix or a directory (default: EGGAPI_LEDGER_URI, "
+        "EGGAPI_LEDGER_DIR, else beside EGGAPI_S3_BUCKET's outputs, else .eggapi).",
+    )
+    parser.add_argument(
         "--tolerance",
         type=float,
         default=DEFAULT_TOLERANCE_SECONDS,
@@ -454,6 +502,19 @@ def _load_credentials(block: str | None) -> EggAPICredentials:
     return EggAPICredentials()
 
 
+def receiver_ledger(location: str | None) -> LedgerStore:
+    """The ledger the flows of this configuration use (same rules as ``default_ledger``)."""
+    from prefect_eggapi.ledger import LEDGER_DIR_ENV, LEDGER_URI_ENV, default_ledger, ledger_at
+    from prefect_eggapi.storage import OutputStore, S3Settings
+
+    if location:
+        return ledger_at(location)
+    configured = os.environ.get(LEDGER_URI_ENV) or os.environ.get(LEDGER_DIR_ENV)
+    if not configured and os.environ.get("EGGAPI_S3_BUCKET"):
+        return default_ledger(beside=OutputStore.from_settings(S3Settings.from_env()))
+    return default_ledger()
+
+
 def build_receiver(args: argparse.Namespace) -> WebhookReceiver:
     credentials = _load_credentials(args.credentials_block)
     secrets: Sequence[SecretStr] = [*secrets_from_env(args.secrets_env)]
@@ -463,6 +524,7 @@ def build_receiver(args: argparse.Namespace) -> WebhookReceiver:
         secrets,
         processor=EggAPIReconciler(credentials, emit_events=not args.no_events),
         signals=signals,
+        deliveries=receiver_ledger(args.ledger),
         tolerance=args.tolerance,
         max_body_bytes=args.max_body_bytes,
         allow_unsigned=args.allow_unsigned,
@@ -489,7 +551,8 @@ def run(args: argparse.Namespace) -> int:
     signals_path = receiver.signals.path if receiver.signals else None
     print(
         f"EggAPI webhook receiver on http://{shown}:{args.port}{receiver.path} "
-        f"({len(receiver.secrets)} secret(s); signals: {signals_path})",
+        f"({len(receiver.secrets)} secret(s); signals: {signals_path}; "
+        f"deliveries attributed in {receiver.deliveries!r})",
         flush=True,
     )
     try:

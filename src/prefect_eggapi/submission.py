@@ -17,6 +17,12 @@ POSTs of one model whose answers are lost together could not be told apart, so e
 claim until the ledger knows the answer (``lane_width`` > 1 trades that for submit throughput:
 such overlaps then fail loudly, never with a wrong image or a second payment).
 
+With webhooks on (the request has a ``webhook_url``), every POST sends its own URL, the user's
+with ``/s/<nonce>`` appended, and keeps the nonce in its entry. A signed delivery to that URL,
+recorded by the receiver in the ledger's delivery log, names exactly the task that POST made:
+a lost answer that the task list cannot attribute (other traffic on the key, overlapping
+submits) is then settled by waiting for the delivery instead of failing.
+
 No Prefect imports: the Prefect tasks add names, logs, events and retries around this.
 """
 
@@ -39,6 +45,7 @@ from prefect_eggapi.errors import (
     ContentModerationError,
     EggAPIError,
     EmptyOutputError,
+    InvalidRequestError,
     ReconciliationError,
     TaskAbandonedError,
     TaskFailedError,
@@ -54,10 +61,11 @@ from prefect_eggapi.ledger import (
     owner_is_dead,
     with_conflict_retry,
 )
-from prefect_eggapi.models import GenerateRequest, TaskStatus
+from prefect_eggapi.models import MAX_WEBHOOK_URL_CHARS, GenerateRequest, TaskStatus
 from prefect_eggapi.models import Task as ApiTask
 from prefect_eggapi.pricing import estimate_cost
 from prefect_eggapi.reconcile import DEFAULT_SKEW, UNKNOWN_OFFSET_SKEW, Span, reconcile
+from prefect_eggapi.webhooks import NONCE_SUFFIX_CHARS, new_nonce, with_nonce
 
 
 @dataclass
@@ -116,6 +124,15 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+class _AwaitDelivery(Exception):
+    """The list cannot attribute a lost answer, but the POST's webhook delivery will."""
+
+    def __init__(self, entry: LedgerEntry, error: ReconciliationError) -> None:
+        super().__init__(entry.key)
+        self.entry = entry
+        self.error = error
+
+
 class _Replan(Exception):
     """Our claim was taken over (our lease ran out): read the entry again and re-plan."""
 
@@ -163,9 +180,13 @@ class Submitter:
         owner_wait_poll: float = 0.25,
         sibling_wait_seconds: float = 10.0,
         lane_width: int = 1,
+        delivery_wait_seconds: float = 900.0,
+        delivery_poll: float = 0.5,
     ) -> None:
         if lane_width < 1:
             raise ValueError("lane_width must be at least 1")
+        if delivery_wait_seconds < 0:
+            raise ValueError("delivery_wait_seconds must not be negative")
         self.client = client
         self.ledger = ledger
         timeout = client.timeout
@@ -177,6 +198,10 @@ class Submitter:
         self.owner_wait_poll = owner_wait_poll
         self.sibling_wait_seconds = sibling_wait_seconds
         self.lane_width = lane_width
+        # With webhooks on, how long a lost answer may wait for its delivery (which comes when the
+        # task is over: queue + processing time) before it fails as unattributable.
+        self.delivery_wait_seconds = delivery_wait_seconds
+        self.delivery_poll = delivery_poll
         # The lane is held across a POST and, at worst, two reconciliations.
         self.lane_seconds = self.lease_seconds + 4 * settle_seconds + sibling_wait_seconds + 30
         self.owner = owner_id()
@@ -232,9 +257,11 @@ class Submitter:
                 scope=entry.scope, cap=cap, committed=held, estimate=entry.estimate
             )
 
-    def _claim(self, entry: LedgerEntry) -> None:
+    def _claim(self, entry: LedgerEntry, request: GenerateRequest) -> None:
         """Mark ``entry`` as being posted by us now (the caller writes it)."""
         floor, floor_ids = self.client.durations.horizon()
+        if request.webhook_url:
+            entry.nonces.append(new_nonce())
         entry.state = EntryState.SUBMITTING
         entry.owner = self.owner
         entry.sent_at = datetime.now(UTC)
@@ -280,6 +307,11 @@ class Submitter:
         budget: Decimal | None = None,
         label: str = "",
     ) -> SubmitOutcome:
+        room = MAX_WEBHOOK_URL_CHARS - NONCE_SUFFIX_CHARS
+        if request.webhook_url and len(request.webhook_url) > room:
+            raise InvalidRequestError(
+                [("webhook_url", f"must be at most {room} characters (room for /s/<nonce>)")]
+            )
         fingerprint = request.fingerprint()
         key = ledger_key(logical_key, fingerprint)
         fresh = LedgerEntry(
@@ -304,7 +336,7 @@ class Submitter:
                 plan = self._plan(self.ledger.get(key), fresh.model_copy(deep=True))
                 if plan.action == "post":
                     self._check_budget(plan.entry, budget)
-                    self._claim(plan.entry)
+                    self._claim(plan.entry, request)
                     self.ledger.put(plan.entry)
                 elif plan.action == "reconcile":
                     self._take_over(plan.entry)
@@ -338,9 +370,53 @@ class Submitter:
                         return self._settle(request, plan.entry, resubmit=True)
             except _Replan:
                 continue  # another worker took our claim over: see what it recorded
+            except _AwaitDelivery as waiting:
+                self._await_delivery(waiting)
+                continue  # delivered: the ambiguous entry is settled from the delivery log
             if plan.action == "reconnect":
                 return self._reconnect(plan.entry)
             time.sleep(self.owner_wait_poll)  # another live owner is posting this key
+
+    def _await_delivery(self, waiting: _AwaitDelivery) -> None:
+        """Outside the lane, wait for a delivery to any of the entry's nonces; else fail."""
+        deadline = time.monotonic() + self.delivery_wait_seconds
+        while True:
+            current = self.ledger.get(waiting.entry.key) or waiting.entry
+            if current.state is not EntryState.AMBIGUOUS or self._delivery(current) is not None:
+                return  # delivered, or another worker settled it meanwhile
+            if time.monotonic() >= deadline:
+                raise waiting.error
+            time.sleep(self.delivery_poll)
+
+    def _delivery(self, entry: LedgerEntry) -> str | None:
+        """The task a delivery to one of the entry's nonces named (newest POST first)."""
+        for nonce in reversed(entry.nonces):
+            task_id = self.ledger.delivered(nonce)
+            if task_id is not None:
+                return task_id
+        return None
+
+    def _adopt_delivered(
+        self, request: GenerateRequest, entry: LedgerEntry, task_id: str
+    ) -> SubmitOutcome:
+        """Adopt the task a signed delivery attributed to this entry's POST, after checking it."""
+        task = self.client.get_task(task_id)
+        owner = self.ledger.task_entry_key(task_id)
+        mismatch = (task.model and task.model != request.model) or (
+            task.type and task.type != request.task_type
+        )
+        if mismatch or owner not in (None, entry.key):
+            raise ReconciliationError(
+                "the webhook delivery for this submission names a task that cannot be its own",
+                evidence=f"task {task_id}: model {task.model}, type {task.type}, recorded for "
+                f"entry {owner or 'none'}",
+                sent_at=entry.sent_at or datetime.now(UTC),
+                failed_at=entry.failed_at or datetime.now(UTC),
+                model=request.model,
+                prompt=request.prompt,
+                task_type=request.task_type,
+            )
+        return self._record_task(entry, task, "adopted from its webhook delivery")
 
     def _reconnect(self, entry: LedgerEntry) -> SubmitOutcome:
         assert entry.task_id is not None
@@ -349,8 +425,12 @@ class Submitter:
     def _post(
         self, request: GenerateRequest, entry: LedgerEntry, *, resubmit: bool
     ) -> SubmitOutcome:
+        sent = request
+        if request.webhook_url and entry.nonces:
+            url = with_nonce(request.webhook_url, entry.nonces[-1])
+            sent = request.model_copy(update={"webhook_url": url})
         try:
-            task = self.client.generate(request)
+            task = self.client.generate(sent)
         except AmbiguousSubmitError as exc:
             lost: AmbiguousSubmitError = exc
 
@@ -409,6 +489,9 @@ class Submitter:
         self, request: GenerateRequest, entry: LedgerEntry, *, resubmit: bool
     ) -> SubmitOutcome:
         """Reconcile the unresolved POST of ``entry`` (ours, inside the lane)."""
+        delivered = self._delivery(entry)
+        if delivered is not None:
+            return self._adopt_delivered(request, entry, delivered)
         window = _span(entry, self.client.clock_offset)
         deadline = time.monotonic() + self.sibling_wait_seconds
         while True:
@@ -453,7 +536,7 @@ class Submitter:
 
             def reclaim(current: LedgerEntry) -> None:
                 current.history.append(note)
-                self._claim(current)
+                self._claim(current, request)
 
             return self._post(request, self._transition(entry, reclaim), resubmit=False)
 
@@ -463,8 +546,8 @@ class Submitter:
             current.error = {"message": "submit outcome unknown", "evidence": str(result.evidence)}
 
         with contextlib.suppress(_Replan):
-            self._transition(entry, ambiguous)
-        raise ReconciliationError(
+            entry = self._transition(entry, ambiguous)
+        error = ReconciliationError(
             "could not tell whether the lost submit created a task",
             evidence=str(result.evidence),
             sent_at=entry.sent_at or window[0],
@@ -473,6 +556,9 @@ class Submitter:
             prompt=request.prompt,
             task_type=request.task_type,
         )
+        if request.webhook_url and entry.nonces and self.delivery_wait_seconds > 0:
+            raise _AwaitDelivery(entry, error)
+        raise error
 
 
 def record_outcome(

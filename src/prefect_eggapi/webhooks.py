@@ -15,6 +15,11 @@ Each failure is a distinct :class:`WebhookError` subclass with an HTTP status a 
 answer with. Secrets are :class:`~pydantic.SecretStr` and never appear in messages or reprs.
 
 A verified payload is still only a hint: act on ``GET /v1/tasks/{id}``, not on its fields.
+
+**Per-submission nonces.** ``webhook_url`` is sent per task (section 11), so every POST can get
+its own: :func:`with_nonce` appends ``/s/<nonce>`` to the user's URL, the receiver serves that
+path too, and a *signed* delivery to it names exactly the task that POST created — whatever else
+uses the key — which is how a lost 202 is attributed with webhooks on.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ import hashlib
 import hmac
 import json
 import re
+import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import SecretStr, ValidationError
 
@@ -33,6 +40,7 @@ from prefect_eggapi.models import WebhookPayload
 
 __all__ = [
     "DEFAULT_TOLERANCE_SECONDS",
+    "NONCE_RE",
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
     "FutureTimestampError",
@@ -49,9 +57,11 @@ __all__ = [
     "WebhookPayload",
     "coerce_secrets",
     "compute_signature",
+    "new_nonce",
     "parse_payload",
     "sign",
     "verify",
+    "with_nonce",
 ]
 
 SIGNATURE_HEADER = "X-EggAPI-Signature"
@@ -59,11 +69,25 @@ TIMESTAMP_HEADER = "X-EggAPI-Timestamp"
 SIGNATURE_PREFIX = "sha256="
 DEFAULT_TOLERANCE_SECONDS = 300
 
+NONCE_RE = re.compile(r"[A-Za-z0-9_-]{22}", re.ASCII)  # 16 random bytes, URL-safe base64
+NONCE_SUFFIX_CHARS = len("/s/") + 22
+
 _TIMESTAMP_RE = re.compile(r"[0-9]{1,15}", re.ASCII)
 _SIGNATURE_RE = re.compile(r"sha256=([0-9a-fA-F]{64})", re.ASCII)
 
 SecretLike = SecretStr | str | bytes
 HeadersLike = Mapping[str, str] | Iterable[tuple[str, str]]
+
+
+def new_nonce() -> str:
+    """16 random bytes: unguessable, so nobody else's delivery can land on this path."""
+    return secrets.token_urlsafe(16)
+
+
+def with_nonce(webhook_url: str, nonce: str) -> str:
+    """``webhook_url`` with ``/s/<nonce>`` appended to its path (query and fragment kept)."""
+    parts = urlsplit(webhook_url)
+    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/s/{nonce}"))
 
 
 # --------------------------------------------------------------------------- errors
