@@ -1,7 +1,7 @@
 """One submitter with webhooks on, run as its own OS process by ``test_webhook_attribution.py``.
 
     python tests/wh_submitter.py --ledger LOCATION --prompt P --key K --webhook-url URL --out F
-                                 [--delivery-wait S]
+                                 [--delivery-wait S] [--lane-width N] [--sibling-wait S]
 
 API key and URL come from ``EGGAPI_API_KEY`` / ``EGGAPI_BASE_URL``, S3 settings from the AWS
 variables, the way a worker gets them. Writes ``{"task_id", "adopted", "reconnected"}`` or
@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", required=True)
     parser.add_argument("--webhook-url", default="")
     parser.add_argument("--delivery-wait", type=float, default=120.0)
+    parser.add_argument("--lane-width", type=int, default=1)
+    parser.add_argument("--sibling-wait", type=float, default=10.0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             settle_seconds=0.5,
             delivery_wait_seconds=args.delivery_wait,
             delivery_poll=0.1,
+            lane_width=args.lane_width,
+            sibling_wait_seconds=args.sibling_wait,
         )
         try:
             outcome = submitter.submit(request, logical_key=args.key)

@@ -396,14 +396,12 @@ class Submitter:
                 return task_id
         return None
 
-    def _adopt_delivered(
-        self, request: GenerateRequest, entry: LedgerEntry, task_id: str
-    ) -> SubmitOutcome:
+    def _adopt_delivered(self, entry: LedgerEntry, task_id: str, prompt: str) -> SubmitOutcome:
         """Adopt the task a signed delivery attributed to this entry's POST, after checking it."""
         task = self.client.get_task(task_id)
         owner = self.ledger.task_entry_key(task_id)
-        mismatch = (task.model and task.model != request.model) or (
-            task.type and task.type != request.task_type
+        mismatch = (task.model and task.model != entry.model) or (
+            task.type and task.type != entry.task_type
         )
         if mismatch or owner not in (None, entry.key):
             raise ReconciliationError(
@@ -412,11 +410,44 @@ class Submitter:
                 f"entry {owner or 'none'}",
                 sent_at=entry.sent_at or datetime.now(UTC),
                 failed_at=entry.failed_at or datetime.now(UTC),
-                model=request.model,
-                prompt=request.prompt,
-                task_type=request.task_type,
+                model=entry.model,
+                prompt=prompt,
+                task_type=entry.task_type,
             )
         return self._record_task(entry, task, "adopted from its webhook delivery")
+
+    def attribute(self, key: str) -> SubmitOutcome | None:
+        """Settle an ambiguous entry late, never posting: from its webhook delivery, or from the
+        task list now that the submits around it have answers. None: still not attributable
+        (the entry stays ambiguous, with the new evidence). Used by the recovery flow."""
+        entry = self.ledger.get(key)
+        if entry is None or entry.state is not EntryState.AMBIGUOUS:
+            return None
+        lane = submit_lane(self.client.account, entry.model, entry.task_type)
+
+        def take() -> LedgerEntry:
+            with self.ledger.transaction():
+                current = self.ledger.get(key)
+                if current is None or current.state is not EntryState.AMBIGUOUS:
+                    raise _Replan(key)
+                self._take_over(current)
+                self.ledger.put(current)
+                return current
+
+        with (
+            lane.hold(self.lane_width),
+            self.ledger.lane(
+                f"{self.client.account}|{entry.model}|{entry.task_type}",
+                width=self.lane_width,
+                owner=self.owner,
+                seconds=self.lane_seconds,
+            ),
+        ):
+            try:
+                taken = with_conflict_retry(take)
+                return self._settle(None, taken, resubmit=False)
+            except (_Replan, ReconciliationError):
+                return None
 
     def _reconnect(self, entry: LedgerEntry) -> SubmitOutcome:
         assert entry.task_id is not None
@@ -486,21 +517,23 @@ class Submitter:
         return SubmitOutcome(task, recorded, adopted=how.startswith("adopted"))
 
     def _settle(
-        self, request: GenerateRequest, entry: LedgerEntry, *, resubmit: bool
+        self, request: GenerateRequest | None, entry: LedgerEntry, *, resubmit: bool
     ) -> SubmitOutcome:
-        """Reconcile the unresolved POST of ``entry`` (ours, inside the lane)."""
+        """Reconcile the unresolved POST of ``entry`` (ours, inside the lane). ``request`` None:
+        a late attribution that must never post (or wait)."""
+        prompt = request.prompt if request is not None else entry.prompt
         delivered = self._delivery(entry)
         if delivered is not None:
-            return self._adopt_delivered(request, entry, delivered)
+            return self._adopt_delivered(entry, delivered, prompt)
         window = _span(entry, self.client.clock_offset)
         deadline = time.monotonic() + self.sibling_wait_seconds
         while True:
             siblings = self._siblings(entry)
             result = reconcile(
                 self.client,
-                model=request.model,
-                task_type=request.task_type,
-                prompt=request.prompt,
+                model=entry.model,
+                task_type=entry.task_type,
+                prompt=prompt,
                 window=window,
                 known=self.ledger.known_task_ids,
                 floor=entry.floor,
@@ -531,7 +564,7 @@ class Submitter:
             time.sleep(self.owner_wait_poll)
         if result.task is not None:
             return self._record_task(entry, result.task, "adopted by reconciliation")
-        if result.nothing_created and resubmit:
+        if result.nothing_created and resubmit and request is not None:
             note = f"reconciliation proved nothing was created ({result.evidence})"
 
             def reclaim(current: LedgerEntry) -> None:
@@ -552,11 +585,12 @@ class Submitter:
             evidence=str(result.evidence),
             sent_at=entry.sent_at or window[0],
             failed_at=entry.failed_at or window[1],
-            model=request.model,
-            prompt=request.prompt,
-            task_type=request.task_type,
+            model=entry.model,
+            prompt=prompt,
+            task_type=entry.task_type,
         )
-        if request.webhook_url and entry.nonces and self.delivery_wait_seconds > 0:
+        webhooks = request is not None and request.webhook_url and entry.nonces
+        if webhooks and self.delivery_wait_seconds > 0:
             raise _AwaitDelivery(entry, error)
         raise error
 

@@ -6,6 +6,11 @@ this flow, meant to run on a schedule, finds those tasks and persists their outp
 
 * entries of *this* ledger that are ``abandoned``, ``submitted`` or ``completed`` but not
   ``persisted``, stored under the usual deterministic keys beside the other outputs;
+* ``ambiguous`` entries (a lost answer that could not be attributed when it happened) that can
+  be attributed now — from their webhook delivery, or from the task list once the submits around
+  them have answers — never by posting; then stored like the others. A batch item that had
+  failed for it gets its ``persisted`` status object, and the batch's ``status.jsonl`` is
+  rewritten to say so;
 * tasks an entry paid for beyond its own (a late answer after another worker took the claim
   over: ``extra_tasks``), stored under ``{prefix}/unattributed/``;
 * only with ``include_unknown``: completed tasks in ``GET /v1/tasks`` that this ledger has never
@@ -45,13 +50,16 @@ from prefect_eggapi.ledger import (
 from prefect_eggapi.models import Task, TaskStatus
 from prefect_eggapi.runtime import in_thread, run_logger
 from prefect_eggapi.storage import OutputStore, S3Settings
-from prefect_eggapi.submission import record_outcome
+from prefect_eggapi.submission import Submitter, record_outcome
 
 PENDING_STATES = {EntryState.ABANDONED, EntryState.SUBMITTED, EntryState.COMPLETED}
 
 
 class RecoverySummary(BaseModel):
     checked: int = 0
+    attributed: list[str] = Field(
+        default_factory=list, description="Ambiguous entries' tasks attributed now."
+    )
     persisted: list[str] = Field(default_factory=list, description="Task ids stored now.")
     unattributed: list[str] = Field(
         default_factory=list, description="Of those, tasks stored under {prefix}/unattributed/."
@@ -60,6 +68,20 @@ class RecoverySummary(BaseModel):
     still_running: list[str] = Field(default_factory=list)
     errors: dict[str, str] = Field(default_factory=dict)
     recovered_cost: Decimal = Decimal("0")
+
+
+def _attribute_late(
+    ledger: LedgerStore, client: EggAPIClient, min_age: float, summary: RecoverySummary
+) -> None:
+    """Settle ambiguous entries that can be attributed now (never posting anything)."""
+    now = datetime.now(UTC)
+    submitter = Submitter(client, ledger, delivery_wait_seconds=0)
+    for entry in ledger.entries({EntryState.AMBIGUOUS}):
+        if (now - entry.updated_at).total_seconds() < min_age:
+            continue
+        outcome = submitter.attribute(entry.key)
+        if outcome is not None:
+            summary.attributed.append(outcome.task.id)
 
 
 def _candidates(
@@ -178,6 +200,7 @@ async def recover_outputs(
     summary = RecoverySummary()
     aside = OutputStore(store.client, store.bucket, f"{store.prefix}/unattributed".lstrip("/"))
     with creds.get_client() as client:
+        await in_thread(partial(_attribute_late, ledger, client, min_age_seconds, summary))
         ids, unattributed = await in_thread(
             partial(_candidates, ledger, client, scan_api_pages, include_unknown, min_age_seconds)
         )
@@ -194,7 +217,9 @@ async def recover_outputs(
                 if task_id in unattributed and task_id in summary.persisted:
                     summary.unattributed.append(task_id)
     logger.info(
-        "Recovery: %d checked, %d persisted (%s), %d failed, %d still running, %d error(s)",
+        "Recovery: %d attributed late, %d checked, %d persisted (%s), %d failed, "
+        "%d still running, %d error(s)",
+        len(summary.attributed),
         summary.checked,
         len(summary.persisted),
         summary.recovered_cost,
