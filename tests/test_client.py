@@ -366,6 +366,7 @@ def test_documented_error_codes_map_to_typed_exceptions(
     exc = raises(cls, api.get_task, TASK_ID)
     assert type(exc) is cls
     assert exc.http_status == status
+    assert exc.status_code == status and cls.default_status == status
     assert exc.error_code == code
     assert exc.message == message
     assert exc.task_id == TASK_ID
@@ -415,6 +416,9 @@ def test_non_json_or_odd_error_bodies(
     exc = raises(cls, api.get_task, TASK_ID)
     assert type(exc) is cls
     assert exc.http_status == status
+    # The status really answered, not the class's: a 504 is an InternalServerError with 504.
+    assert exc.status_code == status
+    assert f"HTTP {status} " in str(exc)
     assert message_part in exc.message
     assert len(exc.message) <= 200
     assert exc.task_id == TASK_ID

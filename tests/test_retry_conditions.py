@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from datetime import UTC, datetime
 
 import pytest
@@ -21,7 +22,7 @@ from prefect_eggapi.errors import (
     UpstreamError,
 )
 from prefect_eggapi.models import Task, TaskStatus
-from prefect_eggapi.storage import UploadError, is_transient_s3_error
+from prefect_eggapi.storage import S3CallError, UploadError, is_transient_s3_error
 from prefect_eggapi.tasks import retry_generation, retry_submit, retry_transient
 
 NOW = datetime.now(UTC)
@@ -66,6 +67,15 @@ CASES = [
     (UploadError("denied", bucket="b", key="k", code="AccessDenied"), False, False, False),
     (UploadError("reset", bucket="b", key="k", code=None), True, True, True),
     (ValueError("a bug"), False, False, False),
+    # OS errors by errno: the network may come back, a full disk or a permission will not.
+    (ConnectionResetError(errno.ECONNRESET, "reset"), True, True, True),
+    (TimeoutError("read timed out"), True, True, True),
+    (OSError(errno.EHOSTUNREACH, "no route"), True, True, True),
+    (PermissionError(errno.EACCES, "denied"), False, False, False),
+    (OSError(errno.ENOSPC, "No space left on device"), False, False, False),
+    (OSError(errno.EROFS, "Read-only file system"), False, False, False),
+    (S3CallError("HEAD failed", bucket="b", key="k", code="NoSuchBucket"), False, False, False),
+    (S3CallError("LIST failed", bucket="b", key="k", retryable=True), True, True, True),
 ]
 
 
@@ -89,3 +99,15 @@ def test_is_transient_s3_error_direct():
     assert is_transient_s3_error(ConnectionResetError())
     assert not is_transient_s3_error(client_error("NoSuchBucket", 404))
     assert is_transient_s3_error(client_error("SlowDown", 503))
+
+
+def test_storage_errors_are_in_the_one_tree_with_their_own_classification():
+    from prefect_eggapi.errors import EggAPIError, ErrorClass, StorageError, classify
+
+    denied = UploadError("denied", bucket="b", key="k", code="AccessDenied")
+    reset = UploadError("reset", bucket="b", key="k")
+    assert isinstance(denied, StorageError) and isinstance(denied, EggAPIError)
+    assert classify(denied) is ErrorClass.TERMINAL and not denied.retryable
+    assert classify(reset) is ErrorClass.RETRYABLE and reset.retryable
+    # per instance: the class default is not changed by one instance's failure
+    assert UploadError.classification is ErrorClass.TERMINAL

@@ -320,10 +320,25 @@ def test_failed_multipart_upload_is_aborted(
     with pytest.raises(UploadError) as info:
         store.persist([big_png], task_id="task-mp", index=0)
     assert info.value.key == "mp/task-mp/0.png"
+    assert info.value.retryable  # a reset connection: another try may get through
     assert calls["n"] >= 2
     assert objects(store) == []
     assert pending_uploads(store) == []  # boto3 aborted the multipart upload
     assert store.find_existing("task-mp", 0) is None
+
+
+def test_a_failed_read_is_an_s3_call_error_not_an_upload_error(
+    local_s3: LocalS3, s3_bucket: str
+) -> None:
+    """HEAD/LIST failures name the call that failed and are classified from the failure."""
+    from prefect_eggapi.storage import S3CallError
+
+    store = OutputStore(local_s3.client(), "no-such-bucket-here", "p")
+    with pytest.raises(S3CallError) as info:
+        store.find_existing("task-x", 0)
+    assert type(info.value) is S3CallError  # nothing was being uploaded
+    assert info.value.code == "NoSuchBucket" and not info.value.retryable
+    assert str(info.value).startswith("LIST s3://no-such-bucket-here/")
 
 
 def test_store_is_shared_across_threads(output_store: OutputStore) -> None:

@@ -13,11 +13,20 @@ __version__ = "0.1.0"
 from prefect_eggapi.client import AsyncEggAPIClient, EggAPIClient, RetryPolicy
 from prefect_eggapi.errors import (
     AmbiguousSubmitError,
+    APIStatusError,
+    BudgetExceededError,
     ContentModerationError,
+    DownloadError,
     EggAPIError,
+    EmptyOutputError,
+    ErrorClass,
     InvalidRequestError,
+    ReconciliationError,
+    S3CallError,
+    StorageError,
     TaskAbandonedError,
     TaskFailedError,
+    UploadError,
 )
 from prefect_eggapi.models import GenerateRequest, Task, TaskStatus
 from prefect_eggapi.polling import PollPolicy
@@ -42,19 +51,28 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "APIStatusError",
     "AmbiguousSubmitError",
     "AsyncEggAPIClient",
+    "BudgetExceededError",
     "ContentModerationError",
+    "DownloadError",
     "EggAPIClient",
     "EggAPICredentials",
     "EggAPIError",
+    "EmptyOutputError",
+    "ErrorClass",
     "GenerateRequest",
     "InvalidRequestError",
     "PollPolicy",
+    "ReconciliationError",
     "RetryPolicy",
+    "S3CallError",
+    "StorageError",
     "Task",
     "TaskAbandonedError",
     "TaskFailedError",
     "TaskStatus",
+    "UploadError",
     "__version__",
 ]

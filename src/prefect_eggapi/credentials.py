@@ -13,16 +13,18 @@ from typing import Any
 
 import httpx
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from prefect_eggapi.client import DEFAULT_BASE_URL, AsyncEggAPIClient, EggAPIClient, RetryPolicy
 from prefect_eggapi.errors import InvalidRequestError
+from prefect_eggapi.models import MAX_WEBHOOK_URL_CHARS, GenerateRequest, check_http_url
 from prefect_eggapi.polling import DurationStats, PollPolicy
 from prefect_eggapi.ratelimit import CombinedLimiter, Limiter, RateLimiter
 
 API_KEY_ENV = "EGGAPI_API_KEY"
 BASE_URL_ENV = "EGGAPI_BASE_URL"
 RATE_ENV = "EGGAPI_REQUESTS_PER_SECOND"
+WEBHOOK_URL_ENV = "EGGAPI_WEBHOOK_URL"
 
 _SHARED: dict[tuple[str, str, float], tuple[RateLimiter, DurationStats]] = {}
 _SHARED_LOCK = threading.Lock()
@@ -119,6 +121,27 @@ class EggAPICredentials(Block):
         default_factory=list,
         description="Webhook signing secrets; two are accepted while a secret is rotated.",
     )
+    webhook_url: str | None = Field(
+        default_factory=lambda: os.environ.get(WEBHOOK_URL_ENV) or None,
+        max_length=MAX_WEBHOOK_URL_CHARS,
+        description=(
+            "Public URL of your `prefect-eggapi webhooks` receiver; falls back to "
+            "EGGAPI_WEBHOOK_URL. When set, every submit made with these credentials that has no "
+            "webhook_url of its own sends this one, with its own /s/<nonce>, so a lost 202 is "
+            "attributed exactly by its delivery."
+        ),
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        return None if not value else check_http_url(value, field="webhook_url")
+
+    def with_webhook(self, request: GenerateRequest) -> GenerateRequest:
+        """``request`` with this block's ``webhook_url`` unless it names its own."""
+        if request.webhook_url or not self.webhook_url:
+            return request
+        return request.model_copy(update={"webhook_url": self.webhook_url})
 
     def resolved_api_key(self) -> SecretStr:
         if self.api_key is not None and self.api_key.get_secret_value():

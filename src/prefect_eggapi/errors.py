@@ -5,6 +5,11 @@ EggAPI has no idempotency key and no cancel endpoint, so "may I retry this?" has
 * ``TERMINAL``: the same inputs cannot succeed (validation, auth, balance, moderation).
 * ``RETRYABLE``: the same inputs may succeed on another try, and nothing was paid for twice.
 * ``AMBIGUOUS``: a submit may have been accepted; a blind retry could pay twice. Reconcile first.
+
+Every error a caller can catch derives from :class:`EggAPIError`, storage errors included
+(:class:`StorageError`), and carries one ``classification``: per class by default, per instance
+where only the failure itself can tell (an S3 call refused for permissions vs. a dropped
+connection). ``status_code`` is always the HTTP status that was really answered.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ class ErrorClass(StrEnum):
 
 
 class EggAPIError(Exception):
-    """Base of every error this package raises about EggAPI."""
+    """Base of every error this package raises on purpose."""
 
-    classification: ClassVar[ErrorClass] = ErrorClass.TERMINAL
+    # A class default that an instance may override (S3 errors are classified per failure).
+    classification: ErrorClass = ErrorClass.TERMINAL
 
     @property
     def retryable(self) -> bool:
@@ -48,9 +54,11 @@ class InvalidRequestError(EggAPIError, ValueError):
 
 
 class APIStatusError(EggAPIError):
-    """The API answered with an error envelope."""
+    """The API answered with an error envelope. ``status_code`` is the status it answered
+    (a 504 is an :class:`InternalServerError` with ``status_code == 504``); ``default_status``
+    is the one the class stands for."""
 
-    status_code: ClassVar[int] = 0
+    default_status: ClassVar[int] = 0
     code: ClassVar[str] = ""
 
     def __init__(
@@ -64,69 +72,74 @@ class APIStatusError(EggAPIError):
         task_id: str | None = None,
     ) -> None:
         self.message = message
-        self.http_status = status_code if status_code is not None else self.status_code
+        self.status_code = status_code if status_code is not None else self.default_status
         self.error_code = code or self.code
         self.method = method
         self.path = path
         self.task_id = task_id
         where = f" on {method} {path}" if method and path else ""
         task = f" (task {task_id})" if task_id else ""
-        super().__init__(f"HTTP {self.http_status} {self.error_code}{where}{task}: {message}")
+        super().__init__(f"HTTP {self.status_code} {self.error_code}{where}{task}: {message}")
+
+    @property
+    def http_status(self) -> int:
+        """Same as ``status_code`` (the name 0.1 used)."""
+        return self.status_code
 
 
 class BadRequestError(APIStatusError):
-    status_code = 400
+    default_status = 400
     code = "BAD_REQUEST"
 
 
 class APIValidationError(APIStatusError):
     """The server rejected the body; nothing was created or billed (includes unknown models)."""
 
-    status_code = 400
+    default_status = 400
     code = "VALIDATION_ERROR"
 
 
 class AuthenticationError(APIStatusError):
-    status_code = 401
+    default_status = 401
     code = "UNAUTHORIZED"
 
 
 class ForbiddenError(APIStatusError):
-    status_code = 403
+    default_status = 403
     code = "FORBIDDEN"
 
 
 class InsufficientBalanceError(APIStatusError):
-    status_code = 403
+    default_status = 403
     code = "INSUFFICIENT_BALANCE"
 
 
 class NotFoundError(APIStatusError):
-    status_code = 404
+    default_status = 404
     code = "NOT_FOUND"
 
 
 class RateLimitError(APIStatusError):
     classification = ErrorClass.RETRYABLE
-    status_code = 429
+    default_status = 429
     code = "RATE_LIMITED"
 
 
 class InternalServerError(APIStatusError):
     classification = ErrorClass.RETRYABLE
-    status_code = 500
+    default_status = 500
     code = "INTERNAL_ERROR"
 
 
 class UpstreamError(APIStatusError):
     classification = ErrorClass.RETRYABLE
-    status_code = 502
+    default_status = 502
     code = "UPSTREAM_ERROR"
 
 
 class ServiceUnavailableError(APIStatusError):
     classification = ErrorClass.RETRYABLE
-    status_code = 503
+    default_status = 503
     code = "SERVICE_UNAVAILABLE"
 
 
@@ -159,7 +172,7 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
 
 def error_for_status(status_code: int, code: str | None) -> type[APIStatusError]:
     """The class for an error envelope: by documented code, else by HTTP status."""
-    if code and code in _BY_CODE and _BY_CODE[code].status_code == status_code:
+    if code and code in _BY_CODE and _BY_CODE[code].default_status == status_code:
         return _BY_CODE[code]
     if status_code in _BY_STATUS:
         return _BY_STATUS[status_code]
@@ -300,6 +313,72 @@ class OutputGoneError(DownloadError):
     """The output URL answers 403/404/410: retention ran out; downloading again will not help."""
 
     classification = ErrorClass.TERMINAL
+
+
+# --------------------------------------------------------------------------- storage
+
+
+class StorageError(EggAPIError):
+    """Anything the output store or the S3 ledger raises on purpose."""
+
+
+class InvalidKeyError(StorageError, ValueError):
+    """A task id, output index or key part that cannot be used in an S3 key."""
+
+
+class InvalidMetadataError(StorageError, ValueError):
+    """Caller metadata that cannot be stored (reserved or clashing key, too large)."""
+
+
+class NotAnImageError(StorageError, ValueError):
+    """The bytes are not PNG, JPEG, WebP or GIF (judged by magic bytes); nothing was uploaded."""
+
+    def __init__(self, message: str, *, head: bytes = b"", size: int = 0) -> None:
+        super().__init__(message)
+        self.head = head
+        self.size = size
+
+
+class TooManyInputsError(StorageError, ValueError):
+    """More edit inputs than EggAPI accepts; raised before any upload."""
+
+
+PERMANENT_S3_CODES = frozenset(
+    {
+        "AccessDenied",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "NoSuchBucket",
+        "InvalidBucketName",
+        "AllAccessDisabled",
+    }
+)
+
+
+class S3CallError(StorageError):
+    """An S3 call failed after botocore's retries. Retryable unless the same call cannot get
+    past it (permissions, a missing bucket: ``PERMANENT_S3_CODES``)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        bucket: str,
+        key: str,
+        code: str | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.bucket = bucket
+        self.key = key
+        self.code = code
+        if retryable is None:
+            retryable = code not in PERMANENT_S3_CODES
+        self.classification = ErrorClass.RETRYABLE if retryable else ErrorClass.TERMINAL
+
+
+class UploadError(S3CallError):
+    """An upload failed; no object was left at ``key``."""
 
 
 def classify(exc: BaseException) -> ErrorClass:

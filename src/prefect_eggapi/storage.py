@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import ipaddress
 import logging
@@ -45,6 +46,18 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from s3transfer.manager import TransferManager
 
+from prefect_eggapi.errors import (
+    PERMANENT_S3_CODES,
+    EggAPIError,
+    ErrorClass,
+    InvalidKeyError,
+    InvalidMetadataError,
+    NotAnImageError,
+    S3CallError,
+    StorageError,
+    TooManyInputsError,
+    UploadError,
+)
 from prefect_eggapi.imageinfo import ImageInfo, ImageSniffer
 
 if TYPE_CHECKING:
@@ -53,10 +66,12 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_EDIT_INPUTS",
     "RECOMMENDED_MIN_PRESIGN_SECONDS",
+    "TRANSIENT_ERRNOS",
     "InvalidKeyError",
     "InvalidMetadataError",
     "NotAnImageError",
     "OutputStore",
+    "S3CallError",
     "S3Settings",
     "StorageError",
     "StoredImage",
@@ -65,6 +80,8 @@ __all__ = [
     "build_s3_client",
     "decode_metadata_value",
     "encode_metadata_value",
+    "is_transient_os_error",
+    "is_transient_s3_error",
     "make_transfer_config",
     "validate_bucket_name",
     "validate_prefix",
@@ -101,73 +118,66 @@ _RESERVED_META = frozenset(
 # --------------------------------------------------------------------------------------------
 
 
-class StorageError(Exception):
-    """Base class of everything this module raises on purpose."""
+# The classes live in prefect_eggapi.errors (one tree); they are re-exported here.
 
-
-class InvalidKeyError(StorageError, ValueError):
-    """A task id, output index or key part that cannot be used in an S3 key."""
-
-
-class InvalidMetadataError(StorageError, ValueError):
-    """Caller metadata that cannot be stored (reserved or clashing key, too large)."""
-
-
-class NotAnImageError(StorageError, ValueError):
-    """The bytes are not PNG, JPEG, WebP or GIF (judged by magic bytes); nothing was uploaded."""
-
-    def __init__(self, message: str, *, head: bytes = b"", size: int = 0) -> None:
-        super().__init__(message)
-        self.head = head
-        self.size = size
-
-
-class TooManyInputsError(StorageError, ValueError):
-    """More edit inputs than EggAPI accepts; raised before any upload."""
-
-
-class UploadError(StorageError):
-    """An S3 call failed after botocore's retries; no object was left at ``key``."""
-
-    def __init__(self, message: str, *, bucket: str, key: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.bucket = bucket
-        self.key = key
-        self.code = code
-
-    @property
-    def retryable(self) -> bool:
-        """False for errors that the same call cannot get past (permissions, missing bucket)."""
-        return self.code not in PERMANENT_S3_CODES
-
-
-PERMANENT_S3_CODES = frozenset(
+# OS errors that another try of the same call can get past: the network, not the machine.
+# PermissionError, ENOSPC, EROFS, EDQUOT and the like are not among them.
+TRANSIENT_ERRNOS = frozenset(
     {
-        "AccessDenied",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "NoSuchBucket",
-        "InvalidBucketName",
-        "AllAccessDisabled",
+        errno.ECONNRESET,
+        errno.ECONNREFUSED,
+        errno.ECONNABORTED,
+        errno.ETIMEDOUT,
+        errno.EPIPE,
+        errno.EHOSTUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.ENETRESET,
+        errno.EAGAIN,
+        errno.EINTR,
     }
 )
 
 
+def is_transient_os_error(exc: OSError) -> bool:
+    """Connection and timeout errors, or an errno of :data:`TRANSIENT_ERRNOS`."""
+    return isinstance(exc, ConnectionError | TimeoutError) or exc.errno in TRANSIENT_ERRNOS
+
+
 def is_transient_s3_error(exc: BaseException) -> bool:
     """Whether another try of the same S3 call may succeed: the server was unreachable, a
-    connection dropped, or it answered 5xx / throttled; not permissions or a missing bucket."""
+    connection dropped, or it answered 5xx / throttled; not permissions, a missing bucket or a
+    full disk."""
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import HTTPClientError
 
-    if isinstance(exc, UploadError):
-        return exc.retryable
-    if isinstance(exc, BotoConnectionError | HTTPClientError | OSError):
+    if isinstance(exc, EggAPIError):
+        return exc.classification is ErrorClass.RETRYABLE
+    if isinstance(exc, BotoConnectionError | HTTPClientError):
         return True
+    if isinstance(exc, OSError):
+        return is_transient_os_error(exc)
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return code not in PERMANENT_S3_CODES and (status >= 500 or code in ("SlowDown", "503"))
     return False
+
+
+def _call_failed(
+    what: str, bucket: str, key: str, exc: BaseException, error: type[S3CallError] = S3CallError
+) -> S3CallError:
+    """The typed error for a failed S3 call, classified from the failure itself."""
+    boto = isinstance(exc, ClientError | BotoCoreError)
+    detail = str(exc) if boto else f"{type(exc).__name__}: {exc}"
+    return error(
+        f"{what} s3://{bucket}/{key} failed: {detail}",
+        bucket=bucket,
+        key=key,
+        code=_error_code(exc),
+        retryable=is_transient_s3_error(exc),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -702,14 +712,9 @@ class OutputStore:
         except ClientError as exc:
             if is_not_found(exc):
                 return None
-            raise UploadError(
-                f"HEAD s3://{self._bucket}/{key} failed: {exc}",
-                bucket=self._bucket, key=key, code=_error_code(exc),
-            ) from exc  # fmt: skip
+            raise _call_failed("HEAD", self._bucket, key, exc) from exc
         except BotoCoreError as exc:
-            raise UploadError(
-                f"HEAD s3://{self._bucket}/{key} failed: {exc}", bucket=self._bucket, key=key
-            ) from exc
+            raise _call_failed("HEAD", self._bucket, key, exc) from exc
 
     def _stored_from_head(self, key: str, head: Mapping[str, Any]) -> StoredImage | None:
         metadata = {
@@ -749,10 +754,7 @@ class OutputStore:
         try:
             listing = self._s3.list_objects_v2(Bucket=self._bucket, Prefix=base, MaxKeys=20)
         except (ClientError, BotoCoreError) as exc:
-            raise UploadError(
-                f"LIST s3://{self._bucket}/{base} failed: {exc}",
-                bucket=self._bucket, key=base, code=_error_code(exc),
-            ) from exc  # fmt: skip
+            raise _call_failed("LIST", self._bucket, base, exc) from exc
         for obj in sorted(listing.get("Contents", []), key=lambda o: o.get("Key", "")):
             key = obj.get("Key", "")
             suffix = key[len(base) :]
@@ -823,19 +825,11 @@ class OutputStore:
             self._transfer_manager().upload(
                 spooled.fh, self._bucket, key, extra_args=extra
             ).result()
-        except (ClientError, BotoCoreError) as exc:
-            raise UploadError(
-                f"upload to s3://{self._bucket}/{key} failed: {exc}",
-                bucket=self._bucket, key=key, code=_error_code(exc),
-            ) from exc  # fmt: skip
+        except StorageError:
+            raise
         except Exception as exc:
             # s3transfer wraps some failures in its own types; keep the typed contract.
-            if isinstance(exc, StorageError):
-                raise
-            raise UploadError(
-                f"upload to s3://{self._bucket}/{key} failed: {type(exc).__name__}: {exc}",
-                bucket=self._bucket, key=key,
-            ) from exc  # fmt: skip
+            raise _call_failed("upload to", self._bucket, key, exc, UploadError) from exc
 
     def persist(
         self,
