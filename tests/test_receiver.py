@@ -216,10 +216,12 @@ def test_a_signed_delivery_to_a_nonce_path_is_attributed_once_and_unsigned_never
     rec = WebhookReceiver([SECRET], processor=fake, deliveries=log)
     with serve_asgi(rec.app) as url:
         base = url + rec.path
+        fake.block.clear()  # the re-read cannot finish: a receiver killed right after its 202
         body, headers = signed(payload("gen_ours"))
         assert httpx.post(f"{base}/s/{nonce}", content=body, headers=headers).status_code == 202
-        wait_stat(rec, "attributed")
-        assert log.delivered(nonce) == "gen_ours"
+        assert log.delivered(nonce) == "gen_ours"  # recorded before the answer, not after
+        assert rec.stats["attributed"] == 1
+        fake.block.set()
         body, headers = signed(payload("gen_forged"), ts=int(time.time()) - 1)
         assert httpx.post(f"{base}/s/{nonce}", content=body, headers=headers).status_code == 202
         wait_stat(rec, "nonce_conflict")
@@ -233,6 +235,22 @@ def test_a_signed_delivery_to_a_nonce_path_is_attributed_once_and_unsigned_never
         assert httpx.post(base, content=body, headers=headers).status_code == 202
         wait_stat(rec, "processed", 3)
     assert log.delivered(other) is None
+
+    class Down(SQLiteLedger):
+        def record_delivery(self, nonce: str, task_id: str) -> str:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    down = WebhookReceiver([SECRET], processor=fake, deliveries=Down(tmp_path / "d.sqlite3"))
+    with serve_asgi(down.app) as url:
+        body, headers = signed(payload("gen_later"), ts=int(time.time()) - 4)
+        first = httpx.post(f"{url}{down.path}/s/{other}", content=body, headers=headers)
+        assert first.status_code == 503  # EggAPI tries again; nothing was taken as delivered
+        down.deliveries = log
+        body, headers = signed(payload("gen_later"), ts=int(time.time()) - 5)
+        again = httpx.post(f"{url}{down.path}/s/{other}", content=body, headers=headers)
+        assert again.status_code == 202
+    assert log.delivered(other) == "gen_later"
+    other = new_nonce()
 
     unsigned = WebhookReceiver(None, processor=fake, deliveries=log, allow_unsigned=True)
     with serve_asgi(unsigned.app) as url:

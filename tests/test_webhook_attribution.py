@@ -30,7 +30,7 @@ import pytest
 
 from multiworker_common import foreign_task
 from prefect_procs import BIN, REPO, clean_env, free_port, stop
-from reliability_common import wait_until
+from reliability_common import environ, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -264,3 +264,46 @@ def test_an_unsigned_delivery_never_attributes(
         stop(receiver)
     assert result.get("error") == "ReconciliationError", result
     assert len(scene.ours(prompt)) == 1
+
+
+def test_a_retry_attempt_never_adopts_the_task_an_earlier_attempt_was_delivered_for(
+    scene: Scene,
+) -> None:
+    """Attempt 1's task fails upstream (retryable) and its delivery names it under attempt 1's
+    nonce; attempt 2's POST creates a new task but its answer is lost. Only attempt 2's nonce may
+    attribute: adopting attempt 1's failed task would leave attempt 2's task billed and orphaned
+    and make the next retry pay again (found by an adversarial run: 3 tasks, 2 billed)."""
+    from prefect_eggapi.client import EggAPIClient
+    from prefect_eggapi.errors import TaskFailedError
+    from prefect_eggapi.ledger import ledger_at
+    from prefect_eggapi.models import GenerateRequest
+    from prefect_eggapi.submission import Submitter, record_outcome
+
+    em = scene.emulator
+    em.set_config(manual=False, pending_seconds=0.05, processing_seconds=0.2)
+    em.add_fault("upstream_failure", times=1)
+    em.add_fault("error_after_create", status=502, skip=1, times=1)
+    prompt = "a lighthouse in fog, second attempt"
+    request = GenerateRequest(model="nanobanana", prompt=prompt, webhook_url=scene.webhook_url)
+    with environ(**{k: v for k, v in scene.env.items() if k.startswith("AWS_")}):
+        ledger = ledger_at(scene.ledger)
+    with EggAPIClient(scene.api_key, em.base_url, rate_limit=None) as client:
+        submitter = Submitter(
+            client, ledger, settle_seconds=0.5, delivery_wait_seconds=60, delivery_poll=0.1
+        )
+        first = submitter.submit(request, logical_key="retry-item")
+        with pytest.raises(TaskFailedError) as failed:
+            client.wait_for_task(first.task, timeout=30)
+        record_outcome(ledger, first.task.id, error=failed.value)
+        wait_until(
+            lambda: any(d["http_status"] == 202 for d in em.webhook_deliveries(first.task.id)),
+            30,
+            "attempt 1's delivery",
+        )
+        second = submitter.submit(request, logical_key="retry-item")  # the retry's answer is lost
+    tasks = scene.ours(prompt)
+    assert len(tasks) == 2, tasks  # attempt 1 (failed, $0) and attempt 2
+    assert second.task.id != first.task.id
+    assert second.task.id == tasks[-1]["task_id"]
+    assert second.entry.attempt == 2
+    assert tasks[-1]["webhook_url"].endswith(second.entry.nonces[-1])

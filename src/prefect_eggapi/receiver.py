@@ -11,9 +11,11 @@ status, ``eggapi.task.completed`` / ``eggapi.task.failed`` is emitted as a Prefe
 resource ``eggapi.task.<id>``. Waits in other processes wake through :class:`SQLiteSignals`.
 
 Deliveries to ``{path}/s/<nonce>`` (the per-submission URL the submitter sends, see
-:func:`prefect_eggapi.webhooks.with_nonce`) are *attributions*: once signed and confirmed by the
-re-read, ``nonce → task id`` is written to the ledger's delivery log, where a submitter whose
-202 was lost finds exactly the task its POST created. Unsigned deliveries never attribute.
+:func:`prefect_eggapi.webhooks.with_nonce`) are *attributions*: once the signature checks out,
+``nonce → task id`` is written to the ledger's delivery log *before* the answer (a failure
+answers 503, so EggAPI tries again), where a submitter whose 202 was lost finds exactly the task
+its POST created; the submitter checks that task's model and type itself. Unsigned deliveries
+never attribute.
 
 Answers: 202 accepted; 200 duplicate (already seen ``(task_id, status)``) or ignored
 (non-terminal or unknown event); 400 malformed body or header; 401 missing or wrong signature,
@@ -28,6 +30,7 @@ untrusted hints, which is safe only because the task is always re-read.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import logging
 import os
@@ -298,15 +301,38 @@ class WebhookReceiver:
             self._count("duplicate")
             log.info("duplicate webhook for %s (%s)", payload.task_id, status)
             return JSONResponse({"status": "duplicate"}, status_code=200)
-        self._count("accepted")
         if nonce is not None and not signed:
             log.info("unsigned delivery for %s: its nonce attributes nothing", payload.task_id)
-            nonce = None
+        elif nonce is not None and self.deliveries is not None:
+            # Recorded before the answer: a receiver killed after a 202 must not lose the one
+            # delivery that attributes a lost submit (EggAPI does not redeliver a 2xx).
+            try:
+                await asyncio.to_thread(self._attribute, nonce, payload.task_id)
+            except Exception as exc:
+                self._forget(payload.task_id, status)  # the redelivery may try again
+                self._count("attribution_failed")
+                log.warning("could not record the delivery of %s: %s", payload.task_id, type(exc))
+                return JSONResponse({"error": "unavailable"}, status_code=503)
+        self._count("accepted")
         return JSONResponse(
             {"status": "accepted"},
             status_code=202,
-            background=BackgroundTask(self.process, payload, now, nonce),
+            background=BackgroundTask(self.process, payload, now),
         )
+
+    def _attribute(self, nonce: str, task_id: str) -> None:
+        assert self.deliveries is not None
+        recorded = self.deliveries.record_delivery(nonce, task_id)
+        if recorded != task_id:  # one POST, one task: a second one is someone's forgery
+            self._count("nonce_conflict")
+            log.warning(
+                "a delivery for %s came to a nonce already delivered for %s; kept %s",
+                task_id,
+                recorded,
+                recorded,
+            )
+        else:
+            self._count("attributed")
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -345,11 +371,8 @@ class WebhookReceiver:
         with self._lock:
             self._seen.pop((task_id, status), None)
 
-    def process(
-        self, payload: WebhookPayload, received_at: float, nonce: str | None = None
-    ) -> None:
-        """Re-read, attribute and announce one new delivery (in a worker thread, after the
-        answer). ``nonce``: the signed per-submission path it came to, if any."""
+    def process(self, payload: WebhookPayload, received_at: float) -> None:
+        """Re-read and announce one new delivery (runs in a worker thread, after the answer)."""
         status = payload.status.value
         try:
             task = self.processor(payload)
@@ -367,24 +390,6 @@ class WebhookReceiver:
                 "webhook said %s is %s but the API does not confirm it", payload.task_id, status
             )
             return
-        if nonce is not None and self.deliveries is not None:
-            try:
-                recorded = self.deliveries.record_delivery(nonce, task.id)
-            except Exception as exc:
-                self._forget(payload.task_id, status)  # a redelivery may try again
-                self._count("attribution_failed")
-                log.warning("could not record the delivery of %s: %s", task.id, type(exc))
-                return
-            if recorded != task.id:  # one POST, one task: a second one is someone's forgery
-                self._count("nonce_conflict")
-                log.warning(
-                    "a delivery for %s came to a nonce already delivered for %s; kept %s",
-                    task.id,
-                    recorded,
-                    recorded,
-                )
-            else:
-                self._count("attributed")
         if self.signals is not None:
             # Wakes the waits with the task just read, so they need no GET of their own.
             try:

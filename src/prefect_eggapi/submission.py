@@ -228,6 +228,11 @@ class Submitter:
             entry.history.append(f"attempt {entry.attempt}: fresh submit after retryable failure")
             entry.task_id = None
             entry.cost = None
+            # Nonces attribute within one attempt only: the failed attempt's delivery names the
+            # failed task, which must never be taken for the new attempt's.
+            if entry.nonces:
+                entry.history.append(f"attempt {entry.attempt - 1} nonces retired")
+                entry.nonces = []
             return _Plan("post", entry)
         if entry.state is EntryState.AMBIGUOUS:
             return _Plan("reconcile", entry)
@@ -403,6 +408,8 @@ class Submitter:
         mismatch = (task.model and task.model != entry.model) or (
             task.type and task.type != entry.task_type
         )
+        # Indexed to this entry is fine: a writer killed between the index and the entry write
+        # left it so. Earlier attempts cannot get here: their nonces are retired (see _plan).
         if mismatch or owner not in (None, entry.key):
             raise ReconciliationError(
                 "the webhook delivery for this submission names a task that cannot be its own",
