@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -53,6 +54,31 @@ def test_clients_of_one_key_share_rate_limiter(monkeypatch):
     other = EggAPICredentials(api_key="egg_sk_another_key_000003", base_url="http://127.0.0.1:9")
     with other.get_client() as c, creds.get_client() as d:
         assert c.limiter is not d.limiter
+
+
+def test_blocks_with_different_rates_share_one_bucket_at_the_lowest(monkeypatch):
+    """Two blocks for one account must not get a bucket each (together over the limit)."""
+    key = "egg_sk_rate_sharing_key_0004"
+    fast = EggAPICredentials(api_key=key, base_url="http://127.0.0.1:7", requests_per_second=50)
+    slow = EggAPICredentials(api_key=key, base_url="http://127.0.0.1:7", requests_per_second=5)
+    c = fast.get_async_client()
+    with fast.get_client() as a, slow.get_client() as b:
+        assert a.limiter is b.limiter is c.limiter
+        assert a.limiter is not None and a.limiter.rate == 5.0  # type: ignore[attr-defined]
+        assert a.durations is b.durations is c.durations
+    asyncio.run(c.aclose())
+
+
+def test_clients_spell_out_their_options():
+    """No ``**options``: every setting is a named keyword (timeout, retry, poll, ...)."""
+    import inspect
+
+    from prefect_eggapi.client import AsyncEggAPIClient, EggAPIClient
+
+    for cls in (EggAPIClient, AsyncEggAPIClient):
+        params = inspect.signature(cls.__init__).parameters
+        assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), cls
+        assert {"timeout", "retry", "poll", "rate_limit", "user_agent", "durations"} <= set(params)
 
 
 @pytest.mark.integration

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
+from prefect_eggapi._version import __version__
 from prefect_eggapi.client import AsyncEggAPIClient, EggAPIClient, RetryPolicy
 from prefect_eggapi.errors import (
     AmbiguousSubmitError,

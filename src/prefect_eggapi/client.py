@@ -9,6 +9,13 @@ Retry rules, because EggAPI has no idempotency key and no cancel:
   never made, or it answered 429. Any other failure after the request may have reached the server
   (timeouts, dropped connections, 5xx) raises :class:`AmbiguousSubmitError` instead of paying twice.
 * Output downloads never carry the API key (they are plain CDN URLs on another host).
+
+The two clients share one decision core: each operation (a GET with its retries, a submit, a
+wait) is written once, in :class:`_BaseClient`, as a generator that yields what it needs done —
+send this request, sleep this long, hand this poll to the board, wait for a signal — and gets
+the answer back (or the exception thrown in). Each client only carries those actions out, with
+blocking or awaitable I/O (``_run`` / ``_arun``), the way httpx and openai-python keep their sync
+and async twins from drifting apart.
 """
 
 from __future__ import annotations
@@ -21,18 +28,18 @@ import os
 import random
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar, cast
 
 import httpx
 from pydantic import BaseModel, SecretStr
 
-from prefect_eggapi import __version__
+from prefect_eggapi._version import __version__
 from prefect_eggapi.board import PollBoard, board_for
 from prefect_eggapi.errors import (
     AmbiguousSubmitError,
@@ -74,6 +81,48 @@ DEFAULT_WAIT_TIMEOUT = 300.0
 DOWNLOAD_CHUNK = 64 * 1024
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class _Send:
+    """Send one API request (after the rate limiter); the answer is the ``httpx.Response``."""
+
+    method: str
+    path: str
+    params: dict[str, Any] | None = None
+    json: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class _Sleep:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _BoardPoll:
+    """Hand one poll to the account's board; the answer is the task it saw, or None."""
+
+    board: PollBoard
+    task_id: str
+    delay: float
+    slack: float
+
+
+@dataclass(frozen=True)
+class _AwaitSignal:
+    """Wait up to ``delay`` for a signal; the answer is whether one came."""
+
+    signals: TaskSignals
+    task_id: str
+    delay: float
+
+
+_Action = _Send | _Sleep | _BoardPoll | _AwaitSignal
+_Op = Generator[_Action, Any, T]
 
 
 @functools.cache
@@ -284,6 +333,7 @@ class _BaseClient:
         poll: PollPolicy | None = None,
         rate_limit: float | Limiter | None = 20.0,
         user_agent: str | None = None,
+        durations: DurationStats | None = None,
     ) -> None:
         self._api_key, self.base_url = _check_credentials(api_key, base_url)
         self.timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
@@ -293,7 +343,9 @@ class _BaseClient:
         self.limiter: Limiter | None = (
             RateLimiter(rate_limit) if isinstance(rate_limit, int | float) else rate_limit
         )
-        self.durations = DurationStats()
+        # Learned task durations and the server's clock offset; clients of one key in a process
+        # share one (see EggAPICredentials), so every wait learns from every other.
+        self.durations = durations or DurationStats()
         self._custom_transport = False  # set by subclasses; a board could not reach a mock
         self._headers = {
             "Authorization": f"Bearer {self._api_key.get_secret_value()}",
@@ -415,6 +467,120 @@ class _BaseClient:
             self.clock_offset = (task.created_at - midpoint).total_seconds()
             self.durations.see([task])
         return task
+
+    # ------------------------------------------------------------------ operations (sans I/O)
+
+    def _get_op(
+        self,
+        path: str,
+        params: dict[str, Any] | None = None,
+        on_response: Callable[[str], None] | None = None,
+    ) -> _Op[Any]:
+        """A GET with retries on 429, 5xx and transport errors; the envelope's ``data``."""
+        attempt = 0
+        while True:
+            try:
+                response: httpx.Response = yield _Send("GET", path, params=params)
+                data = _raise_for_envelope(response, "GET", path)
+                if on_response is not None and "date" in response.headers:
+                    on_response(response.headers["date"])
+                return data
+            except httpx.RequestError as exc:  # transport, or a body that cannot be decoded
+                error: EggAPIError = _transport_error(exc, "GET", path)
+                retry_after = None
+            except APIStatusError as exc:
+                if not exc.retryable:
+                    raise
+                error, retry_after = exc, _retry_after(response)
+            if attempt >= self.retry.max_retries:
+                raise error
+            yield _Sleep(self.retry.delay(attempt, retry_after))
+            attempt += 1
+
+    def _generate_op(self, req: GenerateRequest) -> _Op[Task]:
+        """``POST /v1/generate``, retried only when provably nothing was created."""
+        payload = req.to_payload()
+        attempt = 0
+        while True:
+            sent_at = datetime.now(UTC)
+            retry_after = None
+            try:
+                response: httpx.Response = yield _Send("POST", "/v1/generate", json=payload)
+            except httpx.RequestError as exc:  # transport, or a 202 that cannot be decoded
+                outcome: Task | EggAPIError = self._submit_failed(req, sent_at, exc)
+            else:
+                outcome = self._submit_answered(req, sent_at, response)
+                retry_after = _retry_after(response)
+            if isinstance(outcome, Task):
+                return outcome
+            if attempt >= self.retry.max_retries:
+                raise outcome
+            yield _Sleep(self.retry.delay(attempt, retry_after))
+            attempt += 1
+
+    def _get_task_op(self, task_id: str) -> _Op[Task]:
+        path = f"/v1/tasks/{self._check_task_id(task_id)}"
+        task = Task.model_validate((yield from self._get_op(path)))
+        self.durations.observe(task)
+        return task
+
+    def _list_tasks_op(self, page: int, per_page: int) -> _Op[TaskPage]:
+        data = yield from self._get_op("/v1/tasks", self._list_params(page, per_page))
+        result = TaskPage.model_validate(data)
+        self.durations.see(result.items)
+        return result
+
+    def _usage_op(self, page: int, per_page: int) -> _Op[UsagePage]:
+        data = yield from self._get_op("/v1/usage", self._list_params(page, per_page))
+        return UsagePage.model_validate(data)
+
+    def _usage_summary_op(self) -> _Op[list[UsageSummaryItem]]:
+        data = yield from self._get_op("/v1/usage/summary")
+        return [UsageSummaryItem.model_validate(item) for item in data]
+
+    def _probe_clock_op(self) -> _Op[None]:
+        sent = time.time()
+        dates: list[str] = []
+        data = yield from self._get_op(
+            "/v1/tasks", self._list_params(1, 100), on_response=dates.append
+        )
+        received = time.time()
+        self.durations.see(TaskPage.model_validate(data).items)
+        if self.clock_offset is None and dates:
+            with contextlib.suppress(TypeError, ValueError, IndexError):
+                server = parsedate_to_datetime(dates[-1]).timestamp() + 0.5
+                self.clock_offset = server - (sent + received) / 2
+
+    def _wait_op(
+        self,
+        task: Task | str,
+        timeout: float,
+        poll: PollPolicy | None,
+        raise_on_failure: bool,
+        on_poll: Callable[[Task], None] | None,
+        signals: TaskSignals | None,
+    ) -> _Op[Task]:
+        with _Wait(self, task, timeout, poll, signals) as wait:
+            while not wait.done:
+                delay = wait.next_sleep()
+                known: Task | None = None
+                if board := wait.batched():
+                    known = yield _BoardPoll(board, wait.task_id, delay, wait.slack(delay))
+                elif wait.signals is None or wait.last is None:
+                    yield _Sleep(delay)
+                elif (yield _AwaitSignal(wait.signals, wait.task_id, delay)):
+                    known = wait.signalled()
+                if known is not None:
+                    wait.take(known, on_poll)
+                    continue
+                try:
+                    wait.last = yield from self._get_task_op(wait.task_id)
+                except EggAPIError as exc:
+                    wait.failed_poll(exc)
+                    continue
+                if on_poll is not None:
+                    on_poll(wait.last)
+            return wait.result(raise_on_failure)
 
 
 class TaskSignals(Protocol):
@@ -555,9 +721,23 @@ class EggAPIClient(_BaseClient):
         base_url: str = DEFAULT_BASE_URL,
         *,
         transport: httpx.BaseTransport | None = None,
-        **options: Any,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        poll: PollPolicy | None = None,
+        rate_limit: float | Limiter | None = 20.0,
+        user_agent: str | None = None,
+        durations: DurationStats | None = None,
     ) -> None:
-        super().__init__(api_key, base_url, **options)
+        super().__init__(
+            api_key,
+            base_url,
+            timeout=timeout,
+            retry=retry,
+            poll=poll,
+            rate_limit=rate_limit,
+            user_agent=user_agent,
+            durations=durations,
+        )
         self._custom_transport = transport is not None
         tls = shared_ssl_context()
         self._http = httpx.Client(
@@ -584,74 +764,53 @@ class EggAPIClient(_BaseClient):
 
     # ------------------------------------------------------------------ plumbing
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        if self.limiter is not None:
-            self.limiter.acquire()
-        return self._http.request(method, path, **kwargs)
+    def _run(self, op: _Op[T]) -> T:
+        """Carry out an operation's actions with blocking I/O."""
+        answer: Any = None
+        error: Exception | None = None
+        try:
+            while True:
+                try:
+                    action = op.throw(error) if error is not None else op.send(answer)
+                except StopIteration as stop:
+                    return cast(T, stop.value)
+                answer, error = None, None
+                try:
+                    answer = self._perform(action)
+                except Exception as exc:  # thrown into the operation, which decides
+                    error = exc
+        finally:
+            op.close()
 
-    def _get(
-        self,
-        path: str,
-        params: dict[str, Any] | None = None,
-        on_response: Callable[[str], None] | None = None,
-    ) -> Any:
-        attempt = 0
-        while True:
-            try:
-                response = self._send("GET", path, params=params)
-                data = _raise_for_envelope(response, "GET", path)
-                if on_response is not None and "date" in response.headers:
-                    on_response(response.headers["date"])
-                return data
-            except httpx.RequestError as exc:  # transport, or a body that cannot be decoded
-                error: EggAPIError = _transport_error(exc, "GET", path)
-                retry_after = None
-            except APIStatusError as exc:
-                if not exc.retryable:
-                    raise
-                error, retry_after = exc, _retry_after(response)
-            if attempt >= self.retry.max_retries:
-                raise error
-            time.sleep(self.retry.delay(attempt, retry_after))
-            attempt += 1
+    def _perform(self, action: _Action) -> Any:
+        if isinstance(action, _Send):
+            if self.limiter is not None:
+                self.limiter.acquire()
+            return self._http.request(
+                action.method, action.path, params=action.params, json=action.json
+            )
+        if isinstance(action, _Sleep):
+            time.sleep(action.seconds)
+            return None
+        if isinstance(action, _BoardPoll):
+            return action.board.poll(action.task_id, action.delay, action.slack)
+        return action.signals.wait(action.task_id, action.delay)
 
     # ------------------------------------------------------------------ API
 
     def generate(self, request: GenerateRequest | None = None, **fields: Any) -> Task:
         """Create a task (``POST /v1/generate``); never posts twice for one call."""
-        req = _coerce_request(request, fields)
-        payload = req.to_payload()
-        attempt = 0
-        while True:
-            sent_at = datetime.now(UTC)
-            retry_after = None
-            try:
-                response = self._send("POST", "/v1/generate", json=payload)
-            except httpx.RequestError as exc:  # transport, or a 202 that cannot be decoded
-                outcome: Task | EggAPIError = self._submit_failed(req, sent_at, exc)
-            else:
-                outcome = self._submit_answered(req, sent_at, response)
-                retry_after = _retry_after(response)
-            if isinstance(outcome, Task):
-                return outcome
-            if attempt >= self.retry.max_retries:
-                raise outcome
-            time.sleep(self.retry.delay(attempt, retry_after))
-            attempt += 1
+        return self._run(self._generate_op(_coerce_request(request, fields)))
 
     def edit(self, image_urls: list[str] | tuple[str, ...], **fields: Any) -> Task:
         """An edit is a generate with input images (``type: image_edit``)."""
         return self.generate(self._edit_request(image_urls, fields))
 
     def get_task(self, task_id: str) -> Task:
-        task = Task.model_validate(self._get(f"/v1/tasks/{self._check_task_id(task_id)}"))
-        self.durations.observe(task)
-        return task
+        return self._run(self._get_task_op(task_id))
 
     def list_tasks(self, page: int = 1, per_page: int = 20) -> TaskPage:
-        result = TaskPage.model_validate(self._get("/v1/tasks", self._list_params(page, per_page)))
-        self.durations.see(result.items)
-        return result
+        return self._run(self._list_tasks_op(page, per_page))
 
     def probe_clock(self) -> None:
         """Learn the server's clock and its newest tasks before the first POST (one GET).
@@ -660,15 +819,7 @@ class EggAPIClient(_BaseClient):
         window of +-60 s, wide enough to take someone else's task. The ``Date`` header has whole
         seconds, so the estimate is good to about half a second plus half the round trip.
         """
-        sent = time.time()
-        dates: list[str] = []
-        data = self._get("/v1/tasks", self._list_params(1, 100), on_response=dates.append)
-        received = time.time()
-        self.durations.see(TaskPage.model_validate(data).items)
-        if self.clock_offset is None and dates:
-            with contextlib.suppress(TypeError, ValueError, IndexError):
-                server = parsedate_to_datetime(dates[-1]).timestamp() + 0.5
-                self.clock_offset = server - (sent + received) / 2
+        self._run(self._probe_clock_op())
 
     def iter_tasks(self, per_page: int = 100, max_pages: int | None = None) -> Iterator[Task]:
         """Newest first, page by page, until the last page or ``max_pages``."""
@@ -681,10 +832,10 @@ class EggAPIClient(_BaseClient):
             page += 1
 
     def usage(self, page: int = 1, per_page: int = 20) -> UsagePage:
-        return UsagePage.model_validate(self._get("/v1/usage", self._list_params(page, per_page)))
+        return self._run(self._usage_op(page, per_page))
 
     def usage_summary(self) -> list[UsageSummaryItem]:
-        return [UsageSummaryItem.model_validate(item) for item in self._get("/v1/usage/summary")]
+        return self._run(self._usage_summary_op())
 
     def wait_for_task(
         self,
@@ -701,27 +852,7 @@ class EggAPIClient(_BaseClient):
         Transient errors while polling do not end the wait; the deadline does, with
         :class:`TaskAbandonedError` carrying the task id (the task may still bill).
         """
-        with _Wait(self, task, timeout, poll, signals) as wait:
-            while not wait.done:
-                delay = wait.next_sleep()
-                known: Task | None = None
-                if board := wait.batched():
-                    known = board.poll(wait.task_id, delay, wait.slack(delay))
-                elif wait.signals is None or wait.last is None:
-                    time.sleep(delay)
-                elif wait.signals.wait(wait.task_id, delay):
-                    known = wait.signalled()
-                if known is not None:
-                    wait.take(known, on_poll)
-                    continue
-                try:
-                    wait.last = self.get_task(wait.task_id)
-                except EggAPIError as exc:
-                    wait.failed_poll(exc)
-                    continue
-                if on_poll is not None:
-                    on_poll(wait.last)
-            return wait.result(raise_on_failure)
+        return self._run(self._wait_op(task, timeout, poll, raise_on_failure, on_poll, signals))
 
     @contextmanager
     def stream_output(self, url: str) -> Iterator[tuple[Iterator[bytes], DownloadStream]]:
@@ -761,9 +892,23 @@ class AsyncEggAPIClient(_BaseClient):
         base_url: str = DEFAULT_BASE_URL,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
-        **options: Any,
+        timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy | None = None,
+        poll: PollPolicy | None = None,
+        rate_limit: float | Limiter | None = 20.0,
+        user_agent: str | None = None,
+        durations: DurationStats | None = None,
     ) -> None:
-        super().__init__(api_key, base_url, **options)
+        super().__init__(
+            api_key,
+            base_url,
+            timeout=timeout,
+            retry=retry,
+            poll=poll,
+            rate_limit=rate_limit,
+            user_agent=user_agent,
+            durations=durations,
+        )
         self._custom_transport = transport is not None
         tls = shared_ssl_context()
         self._http = httpx.AsyncClient(
@@ -787,64 +932,54 @@ class AsyncEggAPIClient(_BaseClient):
         await self._http.aclose()
         await self._files.aclose()
 
-    async def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        if self.limiter is not None:
-            await self.limiter.aacquire()
-        return await self._http.request(method, path, **kwargs)
+    async def _arun(self, op: _Op[T]) -> T:
+        """Carry out an operation's actions with awaitable I/O."""
+        answer: Any = None
+        error: Exception | None = None
+        try:
+            while True:
+                try:
+                    action = op.throw(error) if error is not None else op.send(answer)
+                except StopIteration as stop:
+                    return cast(T, stop.value)
+                answer, error = None, None
+                try:
+                    answer = await self._aperform(action)
+                except Exception as exc:  # thrown into the operation, which decides
+                    error = exc
+        finally:
+            op.close()
 
-    async def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
-        attempt = 0
-        while True:
-            try:
-                response = await self._send("GET", path, params=params)
-                return _raise_for_envelope(response, "GET", path)
-            except httpx.RequestError as exc:  # transport, or a body that cannot be decoded
-                error: EggAPIError = _transport_error(exc, "GET", path)
-                retry_after = None
-            except APIStatusError as exc:
-                if not exc.retryable:
-                    raise
-                error, retry_after = exc, _retry_after(response)
-            if attempt >= self.retry.max_retries:
-                raise error
-            await asyncio.sleep(self.retry.delay(attempt, retry_after))
-            attempt += 1
+    async def _aperform(self, action: _Action) -> Any:
+        if isinstance(action, _Send):
+            if self.limiter is not None:
+                await self.limiter.aacquire()
+            return await self._http.request(
+                action.method, action.path, params=action.params, json=action.json
+            )
+        if isinstance(action, _Sleep):
+            await asyncio.sleep(action.seconds)
+            return None
+        if isinstance(action, _BoardPoll):
+            return await action.board.apoll(action.task_id, action.delay, action.slack)
+        return await action.signals.await_signal(action.task_id, action.delay)
 
     async def generate(self, request: GenerateRequest | None = None, **fields: Any) -> Task:
         """Create a task (``POST /v1/generate``); never posts twice for one call."""
-        req = _coerce_request(request, fields)
-        payload = req.to_payload()
-        attempt = 0
-        while True:
-            sent_at = datetime.now(UTC)
-            retry_after = None
-            try:
-                response = await self._send("POST", "/v1/generate", json=payload)
-            except httpx.RequestError as exc:  # transport, or a 202 that cannot be decoded
-                outcome: Task | EggAPIError = self._submit_failed(req, sent_at, exc)
-            else:
-                outcome = self._submit_answered(req, sent_at, response)
-                retry_after = _retry_after(response)
-            if isinstance(outcome, Task):
-                return outcome
-            if attempt >= self.retry.max_retries:
-                raise outcome
-            await asyncio.sleep(self.retry.delay(attempt, retry_after))
-            attempt += 1
+        return await self._arun(self._generate_op(_coerce_request(request, fields)))
 
     async def edit(self, image_urls: list[str] | tuple[str, ...], **fields: Any) -> Task:
         return await self.generate(self._edit_request(image_urls, fields))
 
     async def get_task(self, task_id: str) -> Task:
-        task = Task.model_validate(await self._get(f"/v1/tasks/{self._check_task_id(task_id)}"))
-        self.durations.observe(task)
-        return task
+        return await self._arun(self._get_task_op(task_id))
 
     async def list_tasks(self, page: int = 1, per_page: int = 20) -> TaskPage:
-        data = await self._get("/v1/tasks", self._list_params(page, per_page))
-        result = TaskPage.model_validate(data)
-        self.durations.see(result.items)
-        return result
+        return await self._arun(self._list_tasks_op(page, per_page))
+
+    async def probe_clock(self) -> None:
+        """Async twin of :meth:`EggAPIClient.probe_clock`."""
+        await self._arun(self._probe_clock_op())
 
     async def iter_tasks(
         self, per_page: int = 100, max_pages: int | None = None
@@ -859,12 +994,10 @@ class AsyncEggAPIClient(_BaseClient):
             page += 1
 
     async def usage(self, page: int = 1, per_page: int = 20) -> UsagePage:
-        data = await self._get("/v1/usage", self._list_params(page, per_page))
-        return UsagePage.model_validate(data)
+        return await self._arun(self._usage_op(page, per_page))
 
     async def usage_summary(self) -> list[UsageSummaryItem]:
-        data = await self._get("/v1/usage/summary")
-        return [UsageSummaryItem.model_validate(item) for item in data]
+        return await self._arun(self._usage_summary_op())
 
     async def wait_for_task(
         self,
@@ -877,27 +1010,9 @@ class AsyncEggAPIClient(_BaseClient):
         signals: TaskSignals | None = None,
     ) -> Task:
         """Async twin of :meth:`EggAPIClient.wait_for_task`."""
-        with _Wait(self, task, timeout, poll, signals) as wait:
-            while not wait.done:
-                delay = wait.next_sleep()
-                known: Task | None = None
-                if board := wait.batched():
-                    known = await board.apoll(wait.task_id, delay, wait.slack(delay))
-                elif wait.signals is None or wait.last is None:
-                    await asyncio.sleep(delay)
-                elif await wait.signals.await_signal(wait.task_id, delay):
-                    known = wait.signalled()
-                if known is not None:
-                    wait.take(known, on_poll)
-                    continue
-                try:
-                    wait.last = await self.get_task(wait.task_id)
-                except EggAPIError as exc:
-                    wait.failed_poll(exc)
-                    continue
-                if on_poll is not None:
-                    on_poll(wait.last)
-            return wait.result(raise_on_failure)
+        return await self._arun(
+            self._wait_op(task, timeout, poll, raise_on_failure, on_poll, signals)
+        )
 
     @asynccontextmanager
     async def stream_output(

@@ -1,7 +1,9 @@
 """``EggAPICredentials``: the Prefect block that holds the key and builds clients.
 
 Clients built from the same key in one process share a rate limiter and learned task durations,
-so hundreds of mapped task runs stay under the account's request rate together.
+so hundreds of mapped task runs stay under the account's request rate together. The bucket is
+the account's (base URL + key), whatever rate each block asks for: blocks that ask for
+different rates share one bucket at the lowest of them, never one bucket each.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from typing import Any
 
 import httpx
 from prefect.blocks.core import Block
@@ -26,16 +27,18 @@ BASE_URL_ENV = "EGGAPI_BASE_URL"
 RATE_ENV = "EGGAPI_REQUESTS_PER_SECOND"
 WEBHOOK_URL_ENV = "EGGAPI_WEBHOOK_URL"
 
-_SHARED: dict[tuple[str, str, float], tuple[RateLimiter, DurationStats]] = {}
+_SHARED: dict[tuple[str, str], tuple[RateLimiter, DurationStats]] = {}
 _SHARED_LOCK = threading.Lock()
 
 
 def _shared_state(base_url: str, api_key: str, rate: float) -> tuple[RateLimiter, DurationStats]:
-    ident = (base_url, hashlib.sha256(api_key.encode()).hexdigest(), rate)
+    ident = (base_url, hashlib.sha256(api_key.encode()).hexdigest())
     with _SHARED_LOCK:
         if ident not in _SHARED:
             _SHARED[ident] = (RateLimiter(rate), DurationStats())
-        return _SHARED[ident]
+        limiter, durations = _SHARED[ident]
+        limiter.slow_to(rate)
+        return limiter, durations
 
 
 _GLOBAL: dict[str, Limiter] = {}
@@ -157,38 +160,44 @@ class EggAPICredentials(Block):
     def resolved_base_url(self) -> str:
         return self.base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
 
-    def _client_options(self, poll: PollPolicy | None) -> dict[str, Any]:
+    def _connection(self) -> tuple[SecretStr, str, Limiter, DurationStats]:
+        """Key, base URL, and the account's shared limiter and learned durations."""
         key = self.resolved_api_key()
         base_url = self.resolved_base_url()
         limiter, durations = _shared_state(
             base_url, key.get_secret_value(), self.requests_per_second
         )
-        timeout = httpx.Timeout(self.timeout_seconds, connect=self.connect_timeout_seconds)
         rate: Limiter = limiter
         if self.global_rate_limit:
             rate = CombinedLimiter(limiter, _global_limiter(self.global_rate_limit))
-        return {
-            "api_key": key,
-            "base_url": base_url,
-            "timeout": timeout,
-            "retry": RetryPolicy(max_retries=self.max_retries),
-            "rate_limit": rate,
-            "poll": poll,
-            "_durations": durations,
-        }
+        return key, base_url, rate, durations
+
+    @property
+    def _timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(self.timeout_seconds, connect=self.connect_timeout_seconds)
 
     def get_client(self, poll: PollPolicy | None = None) -> EggAPIClient:
         """A synchronous client; close it (or use ``with``) when done."""
-        options = self._client_options(poll)
-        durations = options.pop("_durations")
-        client = EggAPIClient(**options)
-        client.durations = durations
-        return client
+        key, base_url, rate, durations = self._connection()
+        return EggAPIClient(
+            key,
+            base_url,
+            timeout=self._timeout,
+            retry=RetryPolicy(max_retries=self.max_retries),
+            poll=poll,
+            rate_limit=rate,
+            durations=durations,
+        )
 
     def get_async_client(self, poll: PollPolicy | None = None) -> AsyncEggAPIClient:
         """An async client; create it inside the task that uses it (prefect#9412)."""
-        options = self._client_options(poll)
-        durations = options.pop("_durations")
-        client = AsyncEggAPIClient(**options)
-        client.durations = durations
-        return client
+        key, base_url, rate, durations = self._connection()
+        return AsyncEggAPIClient(
+            key,
+            base_url,
+            timeout=self._timeout,
+            retry=RetryPolicy(max_retries=self.max_retries),
+            poll=poll,
+            rate_limit=rate,
+            durations=durations,
+        )

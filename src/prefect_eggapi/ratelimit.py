@@ -28,6 +28,16 @@ class RateLimiter:
     def __repr__(self) -> str:
         return f"RateLimiter(rate={self.rate}, burst={self.burst})"
 
+    def slow_to(self, rate: float) -> None:
+        """Lower the rate (never raise it): the account's most careful setting wins."""
+        if rate <= 0:
+            raise ValueError("rate must be > 0 requests per second")
+        with self._lock:
+            if rate < self.rate:
+                self.rate = float(rate)
+                self.burst = min(self.burst, max(1, int(rate)))
+                self._tokens = min(self._tokens, float(self.burst))
+
     def reserve(self) -> float:
         """Take one slot; return how long the caller must wait before using it."""
         with self._lock:
