@@ -298,9 +298,13 @@ def test_public_base_url_is_configurable(
 
 
 def test_edit_request_is_image_edit(emulator_client: httpx.Client) -> None:
-    task = create(emulator_client, image_urls=["https://example.com/in.png"], prompt="make it red")
+    # Edits fetch their inputs (17.21): edit a real image, one of the emulator's own outputs.
+    source = wait_for(emulator_client, create(emulator_client)["id"])
+    task = create(emulator_client, image_urls=[source["output"]["url"]], prompt="make it red")
     assert task["type"] == "image_edit"
-    assert wait_for(emulator_client, task["id"])["type"] == "image_edit"
+    done = wait_for(emulator_client, task["id"])
+    assert done["type"] == "image_edit"
+    assert done["status"] == "completed", done
     assert create(emulator_client, image_urls=[])["type"] == "image_generate"
 
 

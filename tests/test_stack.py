@@ -119,3 +119,61 @@ def test_stack_command_prints_exports_and_stops_cleanly(tmp_path, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_stack_command_api_key_is_the_key_the_emulator_accepts_and_exports(tmp_path):
+    key = "egg_sk_my_ci_key_3141592653"
+    env_file = tmp_path / "eggapi.env"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EGGAPI_", "AWS_"))}
+    proc = subprocess.Popen(
+        [
+            str(BIN / "prefect-eggapi"), "stack", "--bucket", "eggapi-key", "--api-key", key,
+            "--pending-seconds", "0", "--processing-seconds", "0", "--env-file", str(env_file),
+        ],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C here stops the stack" in line:
+                break
+        text = "".join(lines)
+        exports = dict(
+            line.removeprefix("export ").strip().split("=", 1)
+            for line in lines
+            if line.startswith("export ")
+        )
+        assert exports.get("EGGAPI_API_KEY") == key, text
+        assert f"export EGGAPI_API_KEY={key}" in env_file.read_text()
+        base_url = exports["EGGAPI_BASE_URL"]
+        # The emulator takes the given key, and only it: the default test key is refused.
+        with EggAPIClient(key, base_url) as client:
+            task = client.wait_for_task(client.generate(model="nanobanana", prompt="k"), timeout=30)
+            assert task.output_urls
+        refused = httpx.get(
+            f"{base_url}/v1/tasks", headers={"Authorization": f"Bearer {DEFAULT_API_KEY}"}
+        )
+        assert refused.status_code == 401
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, text + rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_stack_command_refuses_an_unusable_api_key():
+    done = subprocess.run(
+        [str(BIN / "prefect-eggapi"), "stack", "--api-key", "has a space"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "the API key must be non-empty, without spaces" in done.stderr

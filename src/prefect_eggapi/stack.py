@@ -219,8 +219,9 @@ class LocalStack:
     def env(self) -> dict[str, str]:
         """What the pipeline (and any AWS tool) needs to use this stack.
 
-        Contains the S3 secret key of this local server (generated per start) and the public
-        emulator test key; print it only where the user asked for it.
+        Contains the S3 secret key of this local server (generated per start) and the emulator
+        key (the public test key, or the ``api_key`` given); print it only where the user asked
+        for it.
         """
         emulator, s3 = self._require()
         return {
@@ -290,6 +291,14 @@ def configure_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=3.0,
         help="Emulator: time a task stays processing.",
     )
+    parser.add_argument(
+        "--api-key",
+        type=_api_key,
+        default=None,
+        metavar="KEY",
+        help="The API key the emulator accepts and EGGAPI_API_KEY exports (default: the public "
+        "test key). Use it to run the testing kit with the key your code or CI already has.",
+    )
     parser.add_argument("--balance", default="100", help="Emulator key balance in USD.")
     parser.add_argument(
         "--png-noise",
@@ -312,6 +321,13 @@ def configure_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _api_key(value: str) -> str:
+    """A key the emulator can authenticate: sent as ``Bearer KEY``, so no spaces and not empty."""
+    if not value or any(ch.isspace() or ord(ch) < 32 for ch in value):
+        raise argparse.ArgumentTypeError("the API key must be non-empty, without spaces")
+    return value
+
+
 def export_lines(env: dict[str, str]) -> list[str]:
     return [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
 
@@ -330,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
             stack = LocalStack(
                 bucket=args.bucket,
                 prefix=args.prefix,
+                api_key=args.api_key,
                 balance=args.balance,
                 pending_seconds=args.pending_seconds,
                 processing_seconds=args.processing_seconds,

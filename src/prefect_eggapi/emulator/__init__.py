@@ -30,13 +30,37 @@ Admin API (no API key; loopback clients only; standard envelope)
 ``DELETE /_emulator/faults`` (or ``POST /_emulator/faults/clear``)
 ``GET  /_emulator/audit``                     created tasks, request counts, 429s, balances
 ``POST /_emulator/reset``                     forget everything; optional ``{"config": {...}}``
-``GET  /_emulator/tasks[/{id}]``              every task of every key
-``POST /_emulator/tasks/{id}/advance``        one lifecycle step (planned outcome at the end)
-``POST /_emulator/tasks/{id}/complete``       optional ``{"num_images": n}``
+``GET  /_emulator/tasks[/{id}]``              every task of every key (edits: ``image_urls``,
+                                              ``sources``, ``input_fetches``)
+``POST /_emulator/tasks/{id}/advance``        one lifecycle step (planned outcome at the end;
+                                              an edit's last step waits for its inputs)
+``POST /_emulator/tasks/{id}/complete``       optional ``{"num_images": n}`` (waits likewise)
 ``POST /_emulator/tasks/{id}/fail``           optional ``{"error": "..."}``
 
 Admin reads (audit, tasks) never advance tasks themselves, so they show what the background
 scheduler did; API reads apply due transitions first, so they are never stale.
+
+Edits are real edits (assumption 17.21, revised)
+-----------------------------------------------
+A request with ``image_urls`` is an ``image_edit``. While it is ``processing`` (never at POST
+time) the emulator fetches every input over HTTP, without blocking anything else; an input that
+is unreachable, refused (4xx/5xx, e.g. an expired presigned S3 URL), larger than
+``input_max_bytes`` (20 MiB, streamed) or not a PNG/JPEG/WEBP image fails the task with
+``Upstream provider error: input image image_urls[i] (...) ...`` and ``cost "$0.00"`` (not
+billed, like every failed task). See :mod:`prefect_eggapi.emulator.inputs` for the messages.
+Loopback inputs (the emulator's own ``/images/...``, the local S3 server) are allowed only
+because the emulator runs on loopback; ``input_allowed_hosts`` (default: loopback) says where
+else it may fetch from. ``fetch_inputs: false`` turns fetching off.
+
+Every output PNG shows its prompt and carries these text chunks (a contract: never renamed):
+
+- ``eggapi:prompt``: the prompt of the request;
+- ``eggapi:sources``: for an edit, the sha256 hex of the exact bytes fetched from each input, in
+  ``image_urls`` order, comma-separated; empty for a generation;
+- ``eggapi:task_id``, ``eggapi:index``, ``eggapi:type``.
+
+An edit's output is drawn from its first input (scaled in, tinted, framed, with the prompt
+below), so a test can prove from the bytes that round k was made from round k-1.
 
 Fault rules
 -----------
@@ -46,6 +70,14 @@ Fault rules
 ``error_after_create``, ``drop_after_create``, ``timeout_after_create``, ``http_error``,
 ``rate_limit_burst``, ``upstream_failure``, ``empty_output``, ``slow_download``,
 ``truncated_download``. See :mod:`prefect_eggapi.emulator.faults` for the counting rules.
+
+Seeded fault rates: a rule with ``"rate": 0.1`` fires at each opportunity with that probability,
+reproducibly for a given ``fault_seed`` (else ``seed``) and order of calls. Shorthand in the
+config, the CLI (``--fault-rate NAME=RATE --fault-seed N``) or ``PATCH /_emulator/config``::
+
+    {"fault_rates": {"post_502_before_create": 0.1, "post_502_after_create": 0.05,
+                     "drop_after_create": 0.05, "late_answer": 0.02, "upstream_failure": 0.1},
+     "fault_seed": 7}
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import EmulatorConfig, FaultRule, key_id
 from .faults import DOWNLOAD_KINDS, POST_CREATE_KINDS, PRE_KINDS, FiredFault
+from .inputs import FETCH_HEADER
 from .state import COMPLETED, ApiError, EmulatorState, Task
 from .validation import RequestError, parse_generate_body
 
@@ -104,13 +105,22 @@ class AuditMiddleware:
                 status_holder[0] = int(message["status"])
             await send(message)
 
+        own_fetch = _is_own_fetch(scope, self.state.inputs.token)
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             endpoint = _endpoint_of(scope["method"], scope["path"])
-            if endpoint != "admin" and self.state.epoch == epoch:
+            if endpoint != "admin" and not own_fetch and self.state.epoch == epoch:
                 who = scope.get("state", {}).get("key_id", "anonymous")
                 self.state.count_request(who, endpoint, status_holder[0] or 500)
+
+
+def _is_own_fetch(scope: Scope, token: str) -> bool:
+    """A request made by this emulator's input fetcher (an edit reading one of its outputs)."""
+    wanted = token.encode()
+    return any(
+        name == FETCH_HEADER.encode() and value == wanted for name, value in scope["headers"]
+    )
 
 
 def _int_param(value: str | None, default: int) -> int:
@@ -159,6 +169,7 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
             with suppress(asyncio.CancelledError):
                 await scheduler
             await state.webhooks.aclose()
+            await state.inputs.aclose()
 
     app = FastAPI(
         title="EggAPI emulator",
@@ -270,7 +281,10 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
     @app.get("/images/{task_id}/{filename}")
     async def download(request: Request, task_id: str, filename: str) -> Response:
         state.process_due()
-        fired = state.faults.match(PRE_KINDS, "download", None, task_id)
+        # The emulator's own input fetches stand for the service reading its CDN: the faults
+        # scripted for the client under test must not hit them (nor be used up by them).
+        own_fetch = request.headers.get(FETCH_HEADER) == state.inputs.token
+        fired = None if own_fetch else state.faults.match(PRE_KINDS, "download", None, task_id)
         if fired is not None:
             if fired.rule.delay:
                 await asyncio.sleep(fired.rule.delay)
@@ -285,16 +299,8 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
         ):
             raise ApiError(404, "NOT_FOUND", "File not found")
         index = int(match.group(1))
-        data = await asyncio.to_thread(
-            state.images.get_or_render,
-            task.id,
-            index,
-            task.width,
-            task.height,
-            state.config.png_compress_level,
-            state.config.png_noise,
-        )
-        fired = state.faults.match(DOWNLOAD_KINDS, "download", None, task_id)
+        data = await asyncio.to_thread(state.images.get_or_render, state.render_spec(task, index))
+        fired = None if own_fetch else state.faults.match(DOWNLOAD_KINDS, "download", None, task_id)
         if fired is not None and fired.kind == "truncated_download":
             if fired.rule.delay:
                 await asyncio.sleep(fired.rule.delay)
@@ -334,6 +340,9 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
         data["key_id"] = key_id(task.api_key)
         data["prompt"] = task.request.prompt
         data["faults"] = list(task.faults)
+        data["image_urls"] = list(task.request.image_urls)
+        data["sources"] = list(task.sources)
+        data["input_fetches"] = [dict(r) for r in task.input_fetches]
         return data
 
     @app.get(f"{ADMIN_PREFIX}/health")
@@ -433,6 +442,8 @@ def create_app(config: EmulatorConfig | None = None) -> FastAPI:
         check_admin(request)
         body = await json_body(request)
         options = body if isinstance(body, dict) else {}
+        if action in ("advance", "complete"):
+            await state.settle_inputs(task_id)  # an edit ends only once its inputs are in
         if action == "advance":
             task = state.advance(task_id)
         elif action == "complete":

@@ -31,7 +31,8 @@ Add a fault rule (JSON; repeatable), e.g. '{"kind":"upstream_failure","times":2}
 Fields: kind (error_before_create, error_after_create, drop_after_create, timeout_after_create,
 http_error, rate_limit_burst, upstream_failure, empty_output, slow_download, truncated_download),
 endpoint (generate|get_task|list_tasks|download|usage|any), status, code, message,
-times (null = forever), skip, delay (s), bytes_per_second, fraction.
+times (null = forever), skip, delay (s), bytes_per_second, fraction, rate (0..1: fire with this
+seeded probability; see --fault-rate).
 """
 
 
@@ -111,9 +112,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Prompts containing this word fail moderation (default: 'forbidden'; '' disables).",
     )
-    behaviour.add_argument("--seed", type=int, default=None, help="Seed for deterministic ids.")
+    behaviour.add_argument(
+        "--seed", type=int, default=None, help="Seed for deterministic ids (and fault rates)."
+    )
     behaviour.add_argument(
         "--fault", action="append", default=None, metavar="JSON", help=FAULT_HELP
+    )
+    behaviour.add_argument(
+        "--fault-rate",
+        action="append",
+        default=None,
+        metavar="NAME=RATE",
+        help="A seeded fault rate (repeatable), e.g. post_502_before_create=0.1, "
+        "post_502_after_create=0.05, drop_after_create=0.05, late_answer=0.02, "
+        "upstream_failure=0.1, get_task_500=0.01, or any fault kind. Reproducible with "
+        "--fault-seed (or --seed).",
+    )
+    behaviour.add_argument(
+        "--fault-seed",
+        type=int,
+        default=None,
+        help="Seed of the fault rates (default: --seed; none: random draws).",
+    )
+    edits = parser.add_argument_group("edits")
+    edits.add_argument(
+        "--no-fetch-inputs",
+        action="store_true",
+        default=None,
+        help="Do not fetch edit inputs (edits are drawn like generations, with no sources).",
+    )
+    edits.add_argument(
+        "--input-allow-host",
+        action="append",
+        default=None,
+        metavar="HOST",
+        help="Host name, CIDR or '*' edit inputs may be fetched from (repeatable; default: "
+        "loopback only, the emulator never calls out elsewhere).",
     )
     behaviour.add_argument(
         "--config",
@@ -191,6 +225,8 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         "allowed_models": args.allowed_model,
         "public_base_url": args.public_base_url,
         "seed": args.seed,
+        "fault_seed": args.fault_seed,
+        "input_allowed_hosts": args.input_allow_host,
     }
     data.update({k: v for k, v in overrides.items() if v is not None})
     if args.webhook_secret_env:
@@ -204,11 +240,28 @@ def build_config(args: argparse.Namespace) -> EmulatorConfig:
         data["webhook_allowed_hosts"] = args.webhook_allow_host
     if args.moderation_word is not None:
         data["moderation_word"] = args.moderation_word or None
+    if args.no_fetch_inputs:
+        data["fetch_inputs"] = False
+    if args.fault_rate:
+        data["fault_rates"] = {**data.get("fault_rates", {}), **_fault_rates(args.fault_rate)}
     if args.fault:
         data["faults"] = [*data.get("faults", []), *(json.loads(f) for f in args.fault)]
     for rule in data.get("faults", []):
         FaultRule.model_validate(rule)
     return EmulatorConfig.model_validate(data)
+
+
+def _fault_rates(values: list[str]) -> dict[str, float]:
+    rates: dict[str, float] = {}
+    for value in values:
+        name, sep, rate = value.partition("=")
+        try:
+            if not sep or not name.strip():
+                raise ValueError
+            rates[name.strip()] = float(rate)
+        except ValueError:
+            raise ValueError(f"--fault-rate must be NAME=RATE, got {value!r}") from None
+    return rates
 
 
 def _decimal(value: str) -> Decimal:
@@ -244,6 +297,10 @@ def run(args: argparse.Namespace) -> int:
         else f"pending {config.pending_seconds}s, processing {config.processing_seconds}s"
     )
     print(f"  Tasks: {mode}; rate limit: {config.rate_limit_per_second or 'off'} req/s per key")
+    if config.fault_rates:
+        seed = config.effective_fault_seed()
+        rates = ", ".join(f"{name}={spec}" for name, spec in config.fault_rates.items())
+        print(f"  Fault rates: {rates} (seed {seed if seed is not None else 'random'})")
     print("Point the client at it:")
     print(f"  export EGGAPI_BASE_URL={base_url}")
     first_key = next(iter(config.api_keys), DEFAULT_API_KEY)

@@ -7,8 +7,9 @@ and patched by the admin endpoints, and is built by the ``emulator`` CLI subcomm
 from __future__ import annotations
 
 import hashlib
+import re
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -54,6 +55,8 @@ FAULT_DEFAULT_ENDPOINT: dict[str, FaultEndpoint] = {
 }
 
 DEFAULT_WEBHOOK_ALLOWED_HOSTS = ["localhost", "127.0.0.0/8", "::1/128"]
+DEFAULT_INPUT_ALLOWED_HOSTS = ["localhost", "127.0.0.0/8", "::1/128"]
+DEFAULT_INPUT_MAX_BYTES = 20 * 1024 * 1024
 
 
 def key_id(api_key: str) -> str:
@@ -104,11 +107,73 @@ class FaultRule(BaseModel):
         0.5, ge=0, lt=1, description="Share of the body sent before the connection is cut."
     )
     api_key: str | None = Field(None, description="Only requests with this key match.")
+    rate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Fire with this probability at each opportunity past skip, drawn from a "
+        "per-rule RNG seeded by fault_seed (else seed); null fires every time. A rule with a "
+        "rate fires forever unless times is given.",
+    )
     id: str | None = Field(None, description="Assigned by the emulator.")
+
+    @model_validator(mode="after")
+    def _rate_defaults(self) -> FaultRule:
+        if self.rate is not None and "times" not in self.model_fields_set:
+            self.times = None
+        return self
 
     @property
     def effective_endpoint(self) -> FaultEndpoint:
         return self.endpoint or FAULT_DEFAULT_ENDPOINT[self.kind]
+
+
+#: Named fault rates besides the plain kind names (``{"upstream_failure": 0.1}``).
+RATE_ALIASES: dict[str, dict[str, Any]] = {
+    "late_answer": {"kind": "timeout_after_create", "delay": 60.0},
+}
+_POST_STATUS = re.compile(r"^post_([1-5][0-9]{2})_(before|after)_create$")
+_ENDPOINT_STATUS = re.compile(
+    r"^(generate|get_task|list_tasks|download|usage|any)_([1-5][0-9]{2})$"
+)
+
+
+def rate_rule(name: str, spec: float | dict[str, Any]) -> FaultRule:
+    """The :class:`FaultRule` behind one entry of ``EmulatorConfig.fault_rates``.
+
+    Names: any fault kind (``upstream_failure``, ``drop_after_create``, ``webhook_lost`` ...);
+    ``post_NNN_before_create`` / ``post_NNN_after_create`` (``error_before_create`` /
+    ``error_after_create`` with status NNN); ``ENDPOINT_NNN`` (``http_error`` with status NNN on
+    ``generate``, ``get_task``, ``list_tasks``, ``download``, ``usage`` or ``any``);
+    ``late_answer`` (``timeout_after_create``: the 202 comes 60 s late unless ``delay`` says).
+    The value is the rate, or a rule's fields with a ``rate``: ``{"rate": 0.1, "delay": 5}``.
+    The rule id is ``rate_<name>``, so its draws do not depend on other rules.
+    """
+    fields: dict[str, Any] = {"rate": spec} if not isinstance(spec, dict) else dict(spec)
+    if "rate" not in fields:
+        raise ValueError(f"fault_rates[{name!r}]: a rate is required")
+    base: dict[str, Any]
+    post = _POST_STATUS.match(name)
+    endpoint = _ENDPOINT_STATUS.match(name)
+    if name in RATE_ALIASES:
+        base = dict(RATE_ALIASES[name])
+    elif post is not None:
+        kind = "error_before_create" if post.group(2) == "before" else "error_after_create"
+        base = {"kind": kind, "status": int(post.group(1))}
+    elif endpoint is not None:
+        base = {
+            "kind": "http_error",
+            "endpoint": endpoint.group(1),
+            "status": int(endpoint.group(2)),
+        }
+    elif name in FAULT_DEFAULT_ENDPOINT:
+        base = {"kind": name}
+    else:
+        raise ValueError(
+            f"fault_rates: unknown name {name!r} (a fault kind, post_502_before_create, "
+            "post_502_after_create, get_task_500, late_answer ...)"
+        )
+    return FaultRule.model_validate({**base, **fields, "id": f"rate_{name}"})
 
 
 def _default_prices() -> dict[str, dict[str, Decimal]]:
@@ -150,6 +215,32 @@ class EmulatorConfig(BaseModel):
         None, description="Host of output file URLs; defaults to the server's own base URL."
     )
     seed: int | None = Field(None, description="Seed for task ids (deterministic ids).")
+    fault_seed: int | None = Field(
+        None,
+        description="Seed of fault rates (rules with a rate); defaults to seed. The same seed "
+        "and the same order of calls give the same faults.",
+    )
+    fault_rates: dict[str, float | dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Seeded fault rates, e.g. {'post_502_before_create': 0.1, "
+        "'drop_after_create': 0.05, 'upstream_failure': 0.1}: see rate_rule() for the names.",
+    )
+    fetch_inputs: bool = Field(
+        True,
+        description="Edits fetch their image_urls while processing and are drawn from them; "
+        "false skips fetching (edits are drawn like generations, with no sources).",
+    )
+    input_allowed_hosts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_INPUT_ALLOWED_HOSTS),
+        description="Hosts edit inputs are fetched from: host names, IP networks (CIDR) or '*'. "
+        "Inputs elsewhere fail the task (unreachable) without any network traffic.",
+    )
+    input_fetch_timeout_seconds: float = Field(
+        10.0, gt=0, description="Timeout of fetching one edit input (connect to last byte)."
+    )
+    input_max_bytes: int = Field(
+        DEFAULT_INPUT_MAX_BYTES, gt=0, description="Largest accepted edit input (20 MiB)."
+    )
     prices: dict[str, dict[str, Decimal]] = Field(
         default_factory=_default_prices,
         description="USD per returned image: model -> {resolution|'default': price}.",
@@ -185,7 +276,15 @@ class EmulatorConfig(BaseModel):
     def _check(self) -> EmulatorConfig:
         if self.public_base_url is not None:
             self.public_base_url = self.public_base_url.rstrip("/")
+        self.rate_rules()  # unknown names or bad rates fail here, at config time
         return self
+
+    def rate_rules(self) -> list[FaultRule]:
+        """The rules behind ``fault_rates``, in the dict's order."""
+        return [rate_rule(name, spec) for name, spec in self.fault_rates.items()]
+
+    def effective_fault_seed(self) -> int | None:
+        return self.fault_seed if self.fault_seed is not None else self.seed
 
     def unit_price(self, model: str, resolution: str) -> Decimal:
         table = self.prices.get(model)
@@ -207,7 +306,7 @@ class EmulatorConfig(BaseModel):
         }
         if self.webhook_secret:
             data["webhook_secret"] = mask_key(self.webhook_secret)
-        for rule in data["faults"]:
-            if rule.get("api_key"):
+        for rule in [*data["faults"], *data["fault_rates"].values()]:
+            if isinstance(rule, dict) and rule.get("api_key"):
                 rule["api_key"] = mask_key(rule["api_key"])
         return data

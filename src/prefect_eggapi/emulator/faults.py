@@ -16,12 +16,21 @@ Evaluation points (a rule only ever sees opportunities of its own kind):
 
 At one point, rules are tried in insertion order; each live rule that matches counts the
 opportunity, and the first whose ``skip`` is used up fires; evaluation stops there.
+
+Seeded rates: a rule with a ``rate`` fires at each opportunity past ``skip`` with that
+probability, drawn from the rule's own RNG (seeded with ``fault_seed``, else ``seed``, and the
+rule id), and otherwise lets the opportunity pass to the next rule. Each rule draws once per
+opportunity it sees, so its faults depend only on the order of *its* opportunities: the same seed
+and the same calls give the same faults, even if polling or other rules vary. ``fault_rates`` in
+the config are such rules (ids ``rate_<name>``; see
+:func:`~prefect_eggapi.emulator.config.rate_rule`). Without any seed the draws are random.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,11 +78,20 @@ def default_status(kind: str) -> int:
     return 429 if kind == "rate_limit_burst" else 500
 
 
+def rule_rng(seed: int | None, rule_id: str | None) -> random.Random:
+    """The RNG of one rated rule: reproducible for a seed, independent of other rules."""
+    if seed is None:
+        return random.Random()
+    return random.Random(f"eggapi-fault-rate/{seed}/{rule_id}")
+
+
 @dataclass
 class FaultSlot:
     rule: FaultRule
     seen: int = 0
     fired: int = 0
+    origin: str = "rule"  # "rule" (faults / POST /_emulator/faults) or "rate" (fault_rates)
+    rng: random.Random = field(default_factory=random.Random)
 
     @property
     def exhausted(self) -> bool:
@@ -87,6 +105,7 @@ class FaultSlot:
         data["seen"] = self.seen
         data["fired"] = self.fired
         data["exhausted"] = self.exhausted
+        data["origin"] = self.origin
         return data
 
 
@@ -120,12 +139,19 @@ def _endpoint_matches(rule_endpoint: str, endpoint: str) -> bool:
 class FaultInjector:
     slots: list[FaultSlot] = field(default_factory=list)
     log: list[dict[str, Any]] = field(default_factory=list)
+    seed: int | None = None
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
-    def add(self, rule: FaultRule) -> FaultRule:
+    def add(self, rule: FaultRule, origin: str = "rule") -> FaultRule:
         rule = rule.model_copy(update={"id": rule.id or f"fault_{next(self._ids)}"})
-        self.slots.append(FaultSlot(rule))
+        self.slots.append(FaultSlot(rule, origin=origin, rng=rule_rng(self.seed, rule.id)))
         return rule
+
+    def reseed(self, seed: int | None) -> None:
+        """New seed: every rule's draws start again from the seed's beginning."""
+        self.seed = seed
+        for slot in self.slots:
+            slot.rng = rule_rng(seed, slot.rule.id)
 
     def clear(self) -> None:
         self.slots.clear()
@@ -156,11 +182,14 @@ class FaultInjector:
             slot.seen += 1
             if slot.seen <= rule.skip:
                 continue
+            if rule.rate is not None and slot.rng.random() >= rule.rate:
+                continue
             slot.fired += 1
             self.log.append(
                 {
                     "fault_id": rule.id,
                     "kind": rule.kind,
+                    "seen": slot.seen,
                     "endpoint": endpoint,
                     "key_id": key_id(api_key) if api_key else None,
                     "task_id": task_id,

@@ -5,6 +5,12 @@ Task transitions happen in :meth:`EmulatorState.process_due`, called by the back
 :meth:`EmulatorState.run_scheduler` at each task's due time and, so reads are never stale, before
 every read. Every terminal transition (completed or failed) goes through
 :meth:`EmulatorState.on_task_terminal` exactly once: the single hook for signed webhooks.
+
+Edits fetch their inputs (:mod:`prefect_eggapi.emulator.inputs`) in an asyncio task started when
+the edit enters ``processing``. An edit whose processing time is up while its inputs are still
+being fetched waits for them (``awaiting_inputs``) and ends as soon as they arrive; in manual
+mode, ``advance`` and ``complete`` wait for the fetch before ending the task, so tests stay
+deterministic without sleeping.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import logging
 import random
 import string
 import time
@@ -25,10 +32,13 @@ from decimal import Decimal
 from typing import Any
 
 from .config import ApiKeyConfig, EmulatorConfig, FaultRule, key_id, mask_key
-from .faults import OUTCOME_KINDS, FaultInjector
-from .images import ImageCache, output_size
+from .faults import OUTCOME_KINDS, FaultInjector, FaultSlot
+from .images import ImageCache, RenderSpec, output_size
+from .inputs import InputFetcher
 from .validation import GenerateRequest
 from .webhooks import WebhookDispatcher
+
+logger = logging.getLogger("prefect_eggapi.emulator.state")
 
 PENDING = "pending"
 PROCESSING = "processing"
@@ -81,6 +91,18 @@ class Task:
     manual: bool = False
     due: float | None = None
     faults: list[str] = field(default_factory=list)
+    # Edit inputs (fetched while processing): sha256s, compact copy of the first, or the error.
+    sources: list[str] = field(default_factory=list)
+    source_image: bytes | None = None
+    input_error: str | None = None
+    input_fetches: list[dict[str, Any]] = field(default_factory=list)
+    inputs_job: asyncio.Task[None] | None = None
+    inputs_ready: bool = False
+    awaiting_inputs: bool = False
+
+    @property
+    def inputs_pending(self) -> bool:
+        return self.inputs_job is not None and not self.inputs_ready
 
     @property
     def model(self) -> str:
@@ -184,12 +206,21 @@ class EmulatorState:
         self.images = ImageCache(config.image_cache_bytes)
         self._renderer = ThreadPoolExecutor(1, thread_name_prefix="emulator-render")
         self.webhooks = WebhookDispatcher(self)
+        self.inputs = InputFetcher(lambda: self.config, self._renderer)
+        self._input_jobs: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.Event | None = None
         self._apply_config(config, fresh=True)
 
     # ----------------------------------------------------------------- configuration / reset
 
-    def _apply_config(self, config: EmulatorConfig, *, fresh: bool) -> None:
+    def _apply_config(
+        self,
+        config: EmulatorConfig,
+        *,
+        fresh: bool,
+        keep_rules: bool = False,
+        keep_rates: bool = False,
+    ) -> None:
         self.config = config
         if fresh:
             self.tasks: dict[str, Task] = {}
@@ -220,10 +251,31 @@ class EmulatorState:
         for key in list(self.keys):
             if key not in config.api_keys:
                 del self.keys[key]
-        self.faults.clear()
-        for rule in config.faults:
-            self.faults.add(rule)
+        self._install_faults(config, keep_rules=keep_rules, keep_rates=keep_rates)
         self.images.max_bytes = config.image_cache_bytes
+
+    def _install_faults(
+        self, config: EmulatorConfig, *, keep_rules: bool, keep_rates: bool
+    ) -> None:
+        """Explicit rules (``faults``) and seeded rates (``fault_rates``); kept ones keep their
+        counters and RNG state, so patching an unrelated setting does not restart a fault plan."""
+        old = list(self.faults.slots)
+        self.faults.seed = config.effective_fault_seed()
+        if keep_rules and keep_rates:
+            self.faults.slots = old
+            return
+        kept: list[FaultSlot] = [
+            slot
+            for slot in old
+            if (slot.origin == "rule" and keep_rules) or (slot.origin == "rate" and keep_rates)
+        ]
+        self.faults.slots = kept
+        if not keep_rules:
+            for rule in config.faults:
+                self.faults.add(rule)
+        if not keep_rates:
+            for rule in config.rate_rules():
+                self.faults.add(rule, origin="rate")
 
     def reset(self, config: EmulatorConfig | None = None) -> None:
         """Forget everything and run with ``config``, or else with the startup config.
@@ -231,6 +283,9 @@ class EmulatorState:
         The startup config stays the one a later plain reset returns to.
         """
         self.webhooks.cancel_all()
+        for job in list(self._input_jobs):
+            job.cancel()
+        self._input_jobs.clear()
         self.epoch += 1
         self._apply_config((config or self.initial_config).model_copy(deep=True), fresh=True)
         self._wake()
@@ -239,7 +294,9 @@ class EmulatorState:
         """Shallow-merge ``patch`` into the config.
 
         ``api_keys`` merges per key (``{"key": null}`` removes one); a ``balance`` given for a key
-        also sets its live balance. ``faults`` replaces the rule list. ``seed`` reseeds ids.
+        also sets its live balance. ``faults`` replaces the explicit rules and ``fault_rates`` the
+        rated ones (both restart their counters); ``seed`` reseeds ids and, with ``fault_seed``,
+        the draws of every rated rule.
         """
         current = self.config.model_dump(mode="python")
         api_keys_patch = patch.get("api_keys")
@@ -254,12 +311,16 @@ class EmulatorState:
         elif api_keys_patch is not None:
             raise ApiError(400, "BAD_REQUEST", "api_keys must be an object")
         if "faults" not in patch:
-            merged["faults"] = [slot.rule for slot in self.faults.slots]
+            merged["faults"] = [s.rule for s in self.faults.slots if s.origin == "rule"]
         config = EmulatorConfig.model_validate({**current, **merged, "api_keys": new_keys})
-        old_slots = self.faults.slots[:] if "faults" not in patch else None
-        self._apply_config(config, fresh=False)
-        if old_slots is not None:
-            self.faults.slots = old_slots
+        self._apply_config(
+            config,
+            fresh=False,
+            keep_rules="faults" not in patch,
+            keep_rates="fault_rates" not in patch,
+        )
+        if "seed" in patch or "fault_seed" in patch:
+            self.faults.reseed(config.effective_fault_seed())
         if isinstance(api_keys_patch, dict):
             for key, value in api_keys_patch.items():
                 if value is not None and "balance" in value and key in self.keys:
@@ -367,6 +428,7 @@ class EmulatorState:
             "billed": "0",
             "error": None,
             "faults": task.faults,
+            "sources": [],
         }
 
     def _schedule(self, task: Task, due: float) -> None:
@@ -385,12 +447,84 @@ class EmulatorState:
             task.started_at = at
             if not task.manual:
                 self._schedule(task, at + self.config.processing_seconds)
-            self._prerender(task)
+            if self._start_inputs(task) is None:
+                self._prerender(task)
         elif task.status == PROCESSING:
             if task.planned_error is not None:
                 self._finish_failed(task, at, task.planned_error)
+            elif task.inputs_pending:
+                task.awaiting_inputs = True  # _fetch_inputs ends it when they arrive
+            elif task.input_error is not None:
+                self._finish_failed(task, at, task.input_error)
             else:
                 self._finish_completed(task, at, 0 if task.planned_empty else None)
+
+    # edit inputs
+
+    def _start_inputs(self, task: Task) -> asyncio.Task[None] | None:
+        """Start fetching an edit's inputs on the event loop; None when nothing is fetched."""
+        if (
+            not task.request.image_urls
+            or not self.config.fetch_inputs
+            or task.planned_error is not None
+            or task.planned_empty
+        ):
+            return None
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # state driven without a server: nothing can be fetched
+            task.input_error = "Upstream provider error: input images could not be fetched"
+            return None
+        job = loop.create_task(self._fetch_inputs(task, self.epoch), name=f"inputs-{task.id}")
+        task.inputs_job = job
+        self._input_jobs.add(job)
+        job.add_done_callback(self._input_jobs.discard)
+        return job
+
+    async def _fetch_inputs(self, task: Task, epoch: int) -> None:
+        try:
+            result = await self.inputs.fetch(task.request.image_urls, task.width, task.height)
+        except Exception:  # a bug here must fail the task, not leave it processing forever
+            logger.exception("fetching the inputs of %s failed", task.id)
+            task.input_error = "Upstream provider error: input images could not be fetched"
+        else:
+            task.input_fetches = result.records
+            task.sources = result.sources
+            task.source_image = result.source_image
+            task.input_error = result.error
+        task.inputs_ready = True
+        if epoch != self.epoch or task.status != PROCESSING:
+            return
+        if task.awaiting_inputs:
+            task.awaiting_inputs = False
+            self._step(task, self.clock())
+        elif task.input_error is None:
+            self._prerender(task)
+
+    async def settle_inputs(self, task_id: str) -> None:
+        """Wait until the inputs of ``task_id`` are fetched (admin actions end tasks only then)."""
+        task = self.tasks.get(task_id)
+        if task is None or task.inputs_job is None or not task.inputs_pending:
+            return
+        cfg = self.config
+        limit = cfg.input_fetch_timeout_seconds * (len(task.request.image_urls) + 1) + 5
+        await asyncio.wait({task.inputs_job}, timeout=limit)
+
+    def render_spec(self, task: Task, index: int) -> RenderSpec:
+        """What output ``index`` of ``task`` is drawn from (the same spec gives the same bytes)."""
+        cfg = self.config
+        return RenderSpec(
+            task_id=task.id,
+            index=index,
+            width=task.width,
+            height=task.height,
+            prompt=task.request.prompt,
+            compress_level=cfg.png_compress_level,
+            noise=cfg.png_noise,
+            task_type=task.type,
+            sources=tuple(task.sources),
+            source_image=task.source_image,
+        )
 
     def _prerender(self, task: Task) -> None:
         """Render the outputs while the task processes, so that, as on the real CDN, the files
@@ -399,16 +533,10 @@ class EmulatorState:
         if task.planned_error is not None or task.planned_empty or self.config.png_noise:
             return
         for index in range(task.request.num_outputs):
-            self._renderer.submit(
-                self.images.get_or_render,
-                task.id,
-                index,
-                task.width,
-                task.height,
-                self.config.png_compress_level,
-            )
+            self._renderer.submit(self.images.get_or_render, self.render_spec(task, index))
 
     def _finish_completed(self, task: Task, at: float, num_images: int | None) -> None:
+        self._stop_inputs(task)
         task.status = COMPLETED
         task.started_at = task.started_at if task.started_at is not None else at
         task.completed_at = at
@@ -434,7 +562,14 @@ class EmulatorState:
         )
         self._terminal(task)
 
+    def _stop_inputs(self, task: Task) -> None:
+        """An edit ending by other means (admin fail/complete) stops fetching its inputs."""
+        if task.inputs_job is not None and task.inputs_pending:
+            task.inputs_job.cancel()
+        task.awaiting_inputs = False
+
     def _finish_failed(self, task: Task, at: float, error: str) -> None:
+        self._stop_inputs(task)
         task.status = FAILED
         task.started_at = task.started_at if task.started_at is not None else at
         task.completed_at = at
@@ -453,6 +588,7 @@ class EmulatorState:
                 record["billed"] = str(task.cost or Decimal("0"))
                 record["error"] = task.error
                 record["completed_at_unix"] = task.completed_at
+                record["sources"] = list(task.sources)
                 break
         self.on_task_terminal(task)
 

@@ -66,8 +66,14 @@ def signature_for(secret: str, timestamp: str, body: bytes) -> str:
     return "sha256=" + digest.hexdigest()
 
 
-def host_allowed(url: str, allowed: list[str]) -> tuple[bool, str]:
-    """Whether ``url`` may be called; the reason when not. No DNS lookups."""
+def host_allowed(
+    url: str, allowed: list[str], setting: str = "webhook_allowed_hosts"
+) -> tuple[bool, str]:
+    """Whether ``url`` may be called; the reason when not. No DNS lookups.
+
+    ``allowed`` holds exact host names, IP networks (CIDR) or ``*`` (any host); ``setting``
+    names the option in the reason, so a refused call says what to change.
+    """
     try:
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
@@ -85,6 +91,8 @@ def host_allowed(url: str, allowed: list[str]) -> tuple[bool, str]:
         entry = entry.strip().lower()
         if not entry:
             continue
+        if entry == "*":
+            return True, ""
         if address is not None:
             try:
                 if address in ipaddress.ip_network(entry, strict=False):
@@ -93,7 +101,7 @@ def host_allowed(url: str, allowed: list[str]) -> tuple[bool, str]:
                 pass
         if host == entry.strip("[]"):
             return True, ""
-    return False, f"host {host!r} is not on webhook_allowed_hosts"
+    return False, f"host {host!r} is not on {setting}"
 
 
 def _cost(value: Decimal | None) -> str:
