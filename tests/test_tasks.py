@@ -246,7 +246,16 @@ def test_sigkill_between_submit_and_completion_then_rerun_reconnects(
             """
         )
     )
-    env = dict(os.environ, EGGAPI_API_KEY=emulator_api_key, EGGAPI_BASE_URL=eggapi_env.base_url)
+    from prefect.settings import PREFECT_API_URL
+
+    # The child talks to the session's server, as a worker would: starting a temporary server of
+    # its own took over 120 s on a loaded machine ("child never submitted").
+    env = dict(
+        os.environ,
+        EGGAPI_API_KEY=emulator_api_key,
+        EGGAPI_BASE_URL=eggapi_env.base_url,
+        PREFECT_API_URL=str(PREFECT_API_URL.value()),
+    )
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         env=env,
