@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from prefect_eggapi.models import Task, TaskPage, TaskStatus
+from prefect_eggapi.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -267,14 +268,9 @@ class PollBoard:
         return found
 
 
-_BOARDS: dict[str, PollBoard] = {}
-_BOARDS_LOCK = threading.Lock()
+_BOARDS: Registry[str, PollBoard] = Registry("poll boards by account")
 
 
 def board_for(account: str, make: Callable[[], PollBoard]) -> PollBoard:
     """The process's board of ``account``, made by ``make`` the first time."""
-    with _BOARDS_LOCK:
-        board = _BOARDS.get(account)
-        if board is None:
-            board = _BOARDS[account] = make()
-        return board
+    return _BOARDS.get(account, make)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 
 import httpx
 from prefect.blocks.core import Block
@@ -21,37 +20,33 @@ from prefect_eggapi.errors import InvalidRequestError
 from prefect_eggapi.models import MAX_WEBHOOK_URL_CHARS, GenerateRequest, check_http_url
 from prefect_eggapi.polling import DurationStats, PollPolicy
 from prefect_eggapi.ratelimit import CombinedLimiter, Limiter, RateLimiter
+from prefect_eggapi.registry import Registry
 
 API_KEY_ENV = "EGGAPI_API_KEY"
 BASE_URL_ENV = "EGGAPI_BASE_URL"
 RATE_ENV = "EGGAPI_REQUESTS_PER_SECOND"
 WEBHOOK_URL_ENV = "EGGAPI_WEBHOOK_URL"
 
-_SHARED: dict[tuple[str, str], tuple[RateLimiter, DurationStats]] = {}
-_SHARED_LOCK = threading.Lock()
+_SHARED: Registry[tuple[str, str], tuple[RateLimiter, DurationStats]] = Registry(
+    "rate buckets and learned durations by account"
+)
 
 
 def _shared_state(base_url: str, api_key: str, rate: float) -> tuple[RateLimiter, DurationStats]:
     ident = (base_url, hashlib.sha256(api_key.encode()).hexdigest())
-    with _SHARED_LOCK:
-        if ident not in _SHARED:
-            _SHARED[ident] = (RateLimiter(rate), DurationStats())
-        limiter, durations = _SHARED[ident]
-        limiter.slow_to(rate)
-        return limiter, durations
+    limiter, durations = _SHARED.get(ident, lambda: (RateLimiter(rate), DurationStats()))
+    limiter.slow_to(rate)
+    return limiter, durations
 
 
-_GLOBAL: dict[str, Limiter] = {}
+_GLOBAL: Registry[str, Limiter] = Registry("global-limit clients by limit name")
 
 
 def _global_limiter(name: str) -> Limiter:
     """One batching limiter per limit name per process, shared by all clients."""
     from prefect_eggapi.global_limit import GlobalRateLimiter
 
-    with _SHARED_LOCK:
-        if name not in _GLOBAL:
-            _GLOBAL[name] = GlobalRateLimiter(name)
-        return _GLOBAL[name]
+    return _GLOBAL.get(name, lambda: GlobalRateLimiter(name))
 
 
 class EggAPICredentials(Block):

@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
-from prefect_eggapi.storage import put_if, read_object
+from prefect_eggapi.registry import Registry
+from prefect_eggapi.storage import S3Settings, build_s3_client, put_if, read_object
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -662,10 +663,7 @@ def default_ledger(beside: OutputStore | None = None) -> LedgerStore:
     if not directory and beside is not None:
         prefix = "/".join(p for p in (beside.prefix, "ledger") if p)
         ident = f"s3://{beside.bucket}/{prefix}"
-        with _DEFAULTS_LOCK:
-            if ident not in _DEFAULTS:
-                _DEFAULTS[ident] = S3Ledger(beside.client, beside.bucket, prefix)
-            return _DEFAULTS[ident]
+        return _DEFAULTS.get(ident, lambda: S3Ledger(beside.client, beside.bucket, prefix))
     return ledger_at(directory or DEFAULT_LEDGER_DIR)
 
 
@@ -674,18 +672,15 @@ def ledger_at(location: str | Path) -> LedgerStore:
     directory (SQLite), one instance per process and location."""
     text = str(location)
     ident: str | Path = text if text.startswith("s3://") else Path(text).resolve()
-    with _DEFAULTS_LOCK:
-        if ident not in _DEFAULTS:
-            if isinstance(ident, Path):
-                _DEFAULTS[ident] = SQLiteLedger(ident / "ledger.sqlite3")
-            else:
-                from prefect_eggapi.storage import S3Settings, build_s3_client
 
-                bucket, _, prefix = text[len("s3://") :].partition("/")
-                client = build_s3_client(S3Settings.from_env(bucket=bucket))
-                _DEFAULTS[ident] = S3Ledger(client, bucket, prefix or "eggapi/ledger")
-        return _DEFAULTS[ident]
+    def make() -> LedgerStore:
+        if isinstance(ident, Path):
+            return SQLiteLedger(ident / "ledger.sqlite3")
+        bucket, _, prefix = text[len("s3://") :].partition("/")
+        client = build_s3_client(S3Settings.from_env(bucket=bucket))
+        return S3Ledger(client, bucket, prefix or "eggapi/ledger")
+
+    return _DEFAULTS.get(ident, make)
 
 
-_DEFAULTS: dict[str | Path, LedgerStore] = {}
-_DEFAULTS_LOCK = threading.Lock()
+_DEFAULTS: Registry[str | Path, LedgerStore] = Registry("default ledgers by location")

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect_eggapi.models import Task
+from prefect_eggapi.registry import Registry
 
 __all__ = ["SIGNALS_PATH_ENV", "SQLiteSignals", "Signal", "default_signals_path"]
 
@@ -145,17 +146,13 @@ class _Watcher:
             time.sleep(self.poll_interval)
 
 
-_WATCHERS: dict[str, _Watcher] = {}
-_WATCHERS_LOCK = threading.Lock()
+_WATCHERS: Registry[str, _Watcher] = Registry("signal watchers by file")
 
 
 def _watcher(path: str, poll_interval: float) -> _Watcher:
-    with _WATCHERS_LOCK:
-        watcher = _WATCHERS.get(path)
-        if watcher is None:
-            watcher = _WATCHERS[path] = _Watcher(path, poll_interval)
-        watcher.poll_interval = min(watcher.poll_interval, poll_interval)
-        return watcher
+    watcher = _WATCHERS.get(path, lambda: _Watcher(path, poll_interval))
+    watcher.poll_interval = min(watcher.poll_interval, poll_interval)
+    return watcher
 
 
 class SQLiteSignals:

@@ -59,6 +59,7 @@ from prefect_eggapi.errors import (
     UploadError,
 )
 from prefect_eggapi.imageinfo import ImageInfo, ImageSniffer
+from prefect_eggapi.registry import Registry
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -435,9 +436,7 @@ def make_transfer_config(
     return config
 
 
-_STORES: dict[S3Settings, OutputStore] = {}
-_STORES_LOCK = threading.Lock()
-_MAX_STORES = 16
+_STORES: Registry[S3Settings, OutputStore] = Registry("output stores by settings", limit=16)
 
 
 def build_s3_client(settings: S3Settings) -> S3Client:
@@ -626,21 +625,17 @@ class OutputStore:
         A boto3 client costs ~0.3 s to build on 2 cores: per persist call that was most of the
         completion -> in S3 latency. Clients and transfer managers are thread-safe.
         """
-        with _STORES_LOCK:
-            store = _STORES.pop(settings, None)
-            if store is None:
-                store = cls(
-                    build_s3_client(settings),
-                    settings.bucket,
-                    settings.prefix,
-                    transfer_config=settings.transfer_config(),
-                    spool_max_memory=settings.spool_max_memory,
-                    presign_expires_in=settings.presign_expires_in,
-                )
-            _STORES[settings] = store  # most recently used last
-            while len(_STORES) > _MAX_STORES:
-                _STORES.pop(next(iter(_STORES)))
-            return store
+        return _STORES.get(
+            settings,
+            lambda: cls(
+                build_s3_client(settings),
+                settings.bucket,
+                settings.prefix,
+                transfer_config=settings.transfer_config(),
+                spool_max_memory=settings.spool_max_memory,
+                presign_expires_in=settings.presign_expires_in,
+            ),
+        )
 
     @classmethod
     def from_prefect_aws(

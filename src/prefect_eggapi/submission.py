@@ -65,6 +65,7 @@ from prefect_eggapi.models import MAX_WEBHOOK_URL_CHARS, GenerateRequest, TaskSt
 from prefect_eggapi.models import Task as ApiTask
 from prefect_eggapi.pricing import estimate_cost
 from prefect_eggapi.reconcile import DEFAULT_SKEW, UNKNOWN_OFFSET_SKEW, Span, reconcile
+from prefect_eggapi.registry import Registry
 from prefect_eggapi.webhooks import NONCE_SUFFIX_CHARS, new_nonce, with_nonce
 
 
@@ -105,17 +106,12 @@ class Lane:
                 self._cond.notify_all()
 
 
-_LANES: dict[tuple[str, str, str], Lane] = {}
-_LANES_LOCK = threading.Lock()
+_LANES: Registry[tuple[str, str, str], Lane] = Registry("submit lanes by account, model, type")
 
 
 def submit_lane(account: str, model: str, task_type: str) -> Lane:
     """The process's lane of ``(account, model, type)``."""
-    ident = (account, model, task_type)
-    with _LANES_LOCK:
-        if ident not in _LANES:
-            _LANES[ident] = Lane()
-        return _LANES[ident]
+    return _LANES.get((account, model, task_type), Lane)
 
 
 def _sha(text: str) -> str:
