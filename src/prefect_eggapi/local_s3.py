@@ -375,19 +375,6 @@ class LocalS3:
             **kwargs,
         )
 
-    def rss_bytes(self) -> int | None:
-        """Resident memory of the server process (Linux /proc), or None if unknown."""
-        if not self.running:
-            return None
-        try:
-            status = Path(f"/proc/{self.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return None
-
     def log_tail(self, lines: int = 30) -> str:
         try:
             text = self.log_path.read_text(errors="replace")

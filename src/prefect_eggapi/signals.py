@@ -226,14 +226,6 @@ class SQLiteSignals:
             self._watcher.notify(task_id)
         return new
 
-    def prune(self, older_than_seconds: float) -> int:
-        """Delete signals received more than ``older_than_seconds`` ago; returns how many."""
-        with self._db() as conn:
-            cursor = conn.execute(
-                "DELETE FROM signals WHERE received_at < ?", (time.time() - older_than_seconds,)
-            )
-            return int(cursor.rowcount)
-
     # ------------------------------------------------------------------ reading
 
     def get(self, task_id: str) -> list[Signal]:
