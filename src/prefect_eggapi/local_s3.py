@@ -39,10 +39,15 @@ from secrets import choice, token_urlsafe
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+from pydantic import SecretStr
+
+from prefect_eggapi.storage import S3Settings
+
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-
-    from prefect_eggapi.storage import S3Settings
 
 __all__ = ["LocalS3", "LocalS3Error", "find_weed_binary"]
 
@@ -317,9 +322,6 @@ class LocalS3:
         max_attempts: int = 3,
     ) -> S3Client:
         """A boto3 S3 client for this server (path-style, SigV4, timeouts, standard retries)."""
-        import boto3
-        from botocore.config import Config
-
         config = Config(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -338,8 +340,6 @@ class LocalS3:
 
     def create_bucket(self, name: str) -> str:
         """Create ``name`` if it does not exist yet (idempotent); returns the name."""
-        from botocore.exceptions import ClientError
-
         try:
             self.client().create_bucket(Bucket=name)
         except ClientError as exc:
@@ -361,10 +361,6 @@ class LocalS3:
 
     def settings(self, bucket: str, prefix: str = "eggapi", **kwargs: Any) -> S3Settings:
         """:class:`~prefect_eggapi.storage.S3Settings` for ``bucket`` on this server."""
-        from pydantic import SecretStr
-
-        from prefect_eggapi.storage import S3Settings
-
         return S3Settings(
             bucket=bucket,
             prefix=prefix,

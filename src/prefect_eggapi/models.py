@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from prefect_eggapi.errors import InvalidRequestError
+from prefect_eggapi.pricing import parse_cost
 
 Model = Literal["nanobanana", "nanobanana-pro"]
 AspectRatio = Literal["16:9", "9:16"]
@@ -218,8 +219,6 @@ class Task(Lenient):
 
     @property
     def cost_amount(self) -> Decimal:
-        from prefect_eggapi.pricing import parse_cost
-
         return parse_cost(self.cost)
 
     @property
@@ -269,8 +268,6 @@ class UsageSummaryItem(Lenient):
 
     @property
     def total_cost_amount(self) -> Decimal:
-        from prefect_eggapi.pricing import parse_cost
-
         return parse_cost(self.total_cost)
 
 

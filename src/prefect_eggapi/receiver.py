@@ -46,9 +46,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from prefect_eggapi.ledger import DeliveryLog
+from prefect_eggapi.ledger import (
+    LEDGER_DIR_ENV,
+    LEDGER_URI_ENV,
+    DeliveryLog,
+    LedgerStore,
+    default_ledger,
+    ledger_at,
+)
 from prefect_eggapi.models import Task, WebhookPayload
 from prefect_eggapi.signals import SQLiteSignals, default_signals_path
+from prefect_eggapi.storage import OutputStore, S3Settings
 from prefect_eggapi.webhooks import (
     DEFAULT_TOLERANCE_SECONDS,
     NONCE_RE,
@@ -63,7 +71,6 @@ from prefect_eggapi.webhooks import (
 if TYPE_CHECKING:
     from prefect_eggapi.client import EggAPIClient
     from prefect_eggapi.credentials import EggAPICredentials
-    from prefect_eggapi.ledger import LedgerStore
 
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
@@ -509,9 +516,6 @@ def _load_credentials(block: str | None) -> EggAPICredentials:
 
 def receiver_ledger(location: str | None) -> LedgerStore:
     """The ledger the flows of this configuration use (same rules as ``default_ledger``)."""
-    from prefect_eggapi.ledger import LEDGER_DIR_ENV, LEDGER_URI_ENV, default_ledger, ledger_at
-    from prefect_eggapi.storage import OutputStore, S3Settings
-
     if location:
         return ledger_at(location)
     configured = os.environ.get(LEDGER_URI_ENV) or os.environ.get(LEDGER_DIR_ENV)

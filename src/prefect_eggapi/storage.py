@@ -41,8 +41,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
+import boto3
 from boto3.s3.transfer import TransferConfig
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from s3transfer.manager import TransferManager
 
@@ -150,9 +153,6 @@ def is_transient_s3_error(exc: BaseException) -> bool:
     """Whether another try of the same S3 call may succeed: the server was unreachable, a
     connection dropped, or it answered 5xx / throttled; not permissions, a missing bucket or a
     full disk."""
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import HTTPClientError
-
     if isinstance(exc, EggAPIError):
         return exc.classification is ErrorClass.RETRYABLE
     if isinstance(exc, BotoConnectionError | HTTPClientError):
@@ -442,9 +442,6 @@ _STORES: Registry[S3Settings, OutputStore] = Registry("output stores by settings
 def build_s3_client(settings: S3Settings) -> S3Client:
     """A boto3 S3 client with timeouts on every call, standard retries, SigV4, and path-style
     addressing when an endpoint URL is set (S3-compatible servers, local SeaweedFS)."""
-    import boto3
-    from botocore.config import Config
-
     config = Config(
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,

@@ -29,6 +29,7 @@ No Prefect imports: the Prefect tasks add names, logs, events and retries around
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -115,8 +116,6 @@ def submit_lane(account: str, model: str, task_type: str) -> Lane:
 
 
 def _sha(text: str) -> str:
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()
 
 
