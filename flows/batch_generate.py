@@ -16,7 +16,8 @@ again: finished items are skipped, submitted ones are reconnected, nothing is pa
 
 Many workers: ``EGGAPI_LEDGER_URI=s3://bucket/ledger`` (a ledger all workers share) and a Prefect
 global rate limit (``prefect_eggapi.global_limit.ensure_global_rate_limit``) passed as
-``global_rate_limit``.
+``global_rate_limit``. One manifest over many workers: ``flows/sharded_batch.py`` runs line
+ranges of it (``lines="start:stop"``) as flow runs of the ``eggapi-batch/batch-shard`` deployment.
 """
 
 from __future__ import annotations

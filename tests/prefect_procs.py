@@ -148,3 +148,43 @@ def start_worker(
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children first level first), from /proc.
+
+    A process worker starts each flow run as a child that may lead its own session, so killing
+    the worker's process group alone would leave the flow runs running: a test that plays "the
+    machine died" kills these too, by PID."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(proc: subprocess.Popen[bytes]) -> list[int]:
+    """SIGKILL a process started here and everything below it, by PID; reap it. Returns the
+    PIDs killed below it (the worker's flow-run processes, for a worker)."""
+    below = descendants(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGKILL)
+    for pid in below:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    return below

@@ -248,3 +248,62 @@ def test_thousand_item_batch_under_the_rate_limit(batch_env, tmp_path, monkeypat
     requests = sum(sum(v.values()) for v in audit["requests"].values())
     print(f"1000 items in {elapsed:.1f}s, {requests} API requests, {limited} x 429")
     assert limited <= requests * 0.01  # no sustained 429 storm
+
+
+def test_line_ranges_share_the_whole_manifests_keys(batch_env, local_s3, s3_bucket, tmp_path):
+    """Two ranges of one manifest, then the unsharded run: same run key, same item keys, so the
+    ranges pay for each item once, a range rerun pays nothing, and the unsharded run resumes
+    every item. Each range writes its own status file; status.jsonl is the whole manifest's."""
+    path = manifest(tmp_path, 10, ["{oops"])  # line 11 is broken
+    first = run(batch_generate(manifest=path, lines="1:6", fail_on_item_error=False))
+    second = run(batch_generate(manifest=path, lines="6:", fail_on_item_error=False))
+    assert (first.items, first.persisted, first.broken_lines) == (5, 5, 0)
+    assert (second.items, second.persisted, second.broken_lines) == (5, 5, 1)
+    assert first.run_key == second.run_key and first.lines == "1:6"
+    assert first.status_uri.endswith(f"/batches/{first.run_key}/shards/lines-1-6.status.jsonl")
+    assert second.status_uri.endswith("/shards/lines-6-end.status.jsonl")
+    rows = status_lines(local_s3, s3_bucket, second.status_uri)
+    assert [r["line"] for r in rows] == [6, 7, 8, 9, 10, 11]
+    created = batch_env.created_tasks()
+    assert len(created) == 10
+    assert first.total_cost + second.total_cost == sum(Decimal(t["billed"]) for t in created)
+
+    again = run(batch_generate(manifest=path, lines="1:6", fail_on_item_error=False))
+    assert again.resumed == 5 and again.total_cost == 0
+    whole = run(batch_generate(manifest=path, fail_on_item_error=False))
+    assert whole.run_key == first.run_key and whole.resumed == 10 and whole.total_cost == 0
+    assert len(batch_env.created_tasks()) == 10  # neither rerun paid
+    rows = status_lines(local_s3, s3_bucket, whole.status_uri)
+    assert whole.status_uri.endswith(f"/batches/{first.run_key}/status.jsonl")
+    assert [r["line"] for r in rows] == list(range(1, 12))
+    assert [r["status"] for r in rows] == ["persisted"] * 10 + ["broken"]
+
+
+@pytest.mark.parametrize("bad", ["5:3", "0:4", "3", "a:b", "4:4"])
+def test_a_bad_line_range_is_refused_before_anything_is_paid(batch_env, tmp_path, bad):
+    from prefect_eggapi.errors import InvalidRequestError
+
+    path = manifest(tmp_path, 3)
+    with pytest.raises(InvalidRequestError, match="lines"):
+        run(batch_generate(manifest=path, lines=bad))
+    assert batch_env.created_tasks() == []
+
+
+def test_shard_ranges_cover_every_line_once():
+    from prefect_eggapi.batch_input import BatchItem
+    from prefect_eggapi.flows.batch import in_range
+    from prefect_eggapi.flows.sharded import plan_ranges
+
+    # Items on lines 2..30 except a few gaps (blank or broken lines), 4 shards.
+    lines = [n for n in range(2, 31) if n not in (5, 6, 17)]
+    items = [
+        BatchItem(id=f"i{n}", line=n, request=GenerateRequest(model="nanobanana", prompt="x"))
+        for n in lines
+    ]
+    ranges = plan_ranges(items, 4)
+    assert len(ranges) == 4 and ranges[0][0] == 1 and ranges[-1][1] is None
+    for n in range(1, 40):
+        assert sum(in_range(n, r) for r in ranges) == 1, n
+    sizes = [sum(in_range(i.line, r) for i in items) for r in ranges]
+    assert max(sizes) - min(sizes) <= 1, sizes
+    assert plan_ranges(items[:2], 8) == [(1, items[1].line), (items[1].line, None)]

@@ -62,13 +62,15 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 def test_prefect_yaml_is_what_the_readme_says():
     config = yaml.safe_load(PREFECT_FILE.read_text())
     names = {d["name"]: d for d in config["deployments"]}
-    assert set(names) == {"nightly-posters", "on-demand", "recover-abandoned", "nightly-batch"}
     entrypoints = {
         "nightly-posters": "flows/image_pipeline.py:image_pipeline",
         "on-demand": "flows/image_pipeline.py:image_pipeline",
         "recover-abandoned": "flows/recover_outputs.py:recover_outputs",
         "nightly-batch": "flows/batch_generate.py:batch_generate",
+        "sharded-batch": "flows/sharded_batch.py:sharded_batch_generate",
+        "batch-shard": "flows/batch_generate.py:batch_generate",
     }
+    assert set(names) == set(entrypoints)
     for name, d in names.items():
         assert d["entrypoint"] == entrypoints[name]
         assert d["work_pool"]["name"] == POOL

@@ -14,6 +14,7 @@ from prefect_eggapi.flows.pipeline import (
     run_pipeline,
 )
 from prefect_eggapi.flows.recovery import RecoverySummary, recover_outputs
+from prefect_eggapi.flows.sharded import ShardedSummary, run_sharded, sharded_batch_generate
 
 __all__ = [
     "DEFAULT_EDIT_INSTRUCTIONS",
@@ -24,10 +25,13 @@ __all__ = [
     "PipelineParams",
     "PipelineSummary",
     "RecoverySummary",
+    "ShardedSummary",
     "batch_generate",
     "image_pipeline",
     "manifest_key",
     "recover_outputs",
     "run_batch",
     "run_pipeline",
+    "run_sharded",
+    "sharded_batch_generate",
 ]

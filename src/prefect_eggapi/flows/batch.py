@@ -14,6 +14,15 @@ reconnects to tasks already submitted, and never pays twice. ``run_key`` default
 manifest's items and defaults, so re-running the same batch resumes it; scheduled deployment runs
 use their slot instead (two runs of one slot share the work).
 
+**Line ranges.** ``lines="start:stop"`` runs only the manifest lines numbered ``start`` up to,
+not including, ``stop`` (1-based, as status.jsonl numbers them; either side may be empty). The
+whole manifest is still read and validated, and the run key and every item's key are those of
+the whole manifest, so a range run, a rerun of it, or an unsharded run of the same manifest
+share their work and never pay twice. A range run writes its lines' status to
+``batches/{run_key}/shards/lines-{start}-{stop}.status.jsonl``; ``status.jsonl`` is the whole
+manifest's, written by an unsharded run or by :func:`~prefect_eggapi.flows.sharded
+.sharded_batch_generate`, which runs K ranges as flow runs of a deployment.
+
 **Scale.** Put the ledger in S3 (``EGGAPI_LEDGER_URI=s3://bucket/prefix``) and set a Prefect
 global rate limit (``global_rate_limit``) so any number of workers share one request budget.
 """
@@ -73,6 +82,10 @@ class BatchParams(FlowParams):
         None, description="Prefect global concurrency limit (slot decay) shared by all workers."
     )
     fail_on_item_error: bool = True
+    lines: str | None = Field(
+        None,
+        description="Only manifest lines start:stop (1-based, stop excluded; e.g. '1:501').",
+    )
 
     @field_validator("manifest")
     @classmethod
@@ -80,6 +93,18 @@ class BatchParams(FlowParams):
         if not value.strip():
             raise ValueError("must be a path or an s3://bucket/key URI")
         return value
+
+    @field_validator("lines")
+    @classmethod
+    def _lines(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parse_lines(value)
+        return value.strip()
+
+    def line_range(self) -> tuple[int, int | None] | None:
+        """``(start, stop)`` of ``lines`` (stop None: to the end), or None for every line."""
+        return None if self.lines is None else parse_lines(self.lines)
 
     def defaults(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -90,6 +115,37 @@ class BatchParams(FlowParams):
         if self.resolution:
             out["resolution"] = self.resolution
         return out
+
+
+def parse_lines(value: str) -> tuple[int, int | None]:
+    """``"start:stop"`` -> (start, stop); 1-based line numbers, stop excluded, sides optional.
+
+    Refused before anything is paid: a reversed or empty range is a mistake, not zero work.
+    """
+    start_text, sep, stop_text = value.strip().partition(":")
+    if not sep or not all(p.strip().isdigit() or not p.strip() for p in (start_text, stop_text)):
+        raise ValueError("must be 'start:stop' with 1-based line numbers, e.g. '1:501' or '501:'")
+    start = int(start_text) if start_text.strip() else 1
+    stop = int(stop_text) if stop_text.strip() else None
+    if start < 1:
+        raise ValueError("start must be >= 1 (line numbers are 1-based)")
+    if stop is not None and stop <= start:
+        raise ValueError("stop must be greater than start (stop is excluded)")
+    return start, stop
+
+
+def in_range(line: int, bounds: tuple[int, int | None] | None) -> bool:
+    """Whether manifest line ``line`` belongs to ``bounds`` (None: every line does)."""
+    if bounds is None:
+        return True
+    start, stop = bounds
+    return line >= start and (stop is None or line < stop)
+
+
+def range_label(bounds: tuple[int, int | None]) -> str:
+    """``lines-{start}-{stop}`` (``end`` for an open stop): names a range's files and keys."""
+    start, stop = bounds
+    return f"lines-{start}-{'end' if stop is None else stop}"
 
 
 class ItemResult(BaseModel):
@@ -124,6 +180,7 @@ class BatchSummary(BaseModel):
     broken_lines: int
     total_cost: Decimal = Field(description="What this run paid.")
     batch_cost: Decimal = Field(Decimal(0), description="What the batch's items cost in all.")
+    lines: str | None = Field(None, description="The line range this run covered (None: all).")
 
 
 def _budget_for(cap: Decimal, scope: str) -> Any:
@@ -391,14 +448,22 @@ async def run_batch(params: BatchParams, *, credentials_block: str | None = None
             s3=s3,
         )
     )
-    for b in broken:
-        logger.warning("Manifest line %d skipped: %s", b.line, b.reason)
     if not items:
         raise InvalidRequestError([("manifest", f"no valid lines ({len(broken)} broken)")])
+    # The key names the whole manifest, never the range: every range run and the unsharded run
+    # of one manifest share its items' keys (ledger entries, status objects, outputs).
+    run_key = params.run_key or await _scheduled_slot() or _batch_key(params, items)
+    bounds = params.line_range()
+    if bounds is not None:
+        items = [i for i in items if in_range(i.line, bounds)]
+        broken = [b for b in broken if in_range(b.line, bounds)]
+    for b in broken:
+        logger.warning("Manifest line %d skipped: %s", b.line, b.reason)
     creds = await _credentials(credentials_block)
     if params.global_rate_limit:
         creds = creds.model_copy(update={"global_rate_limit": params.global_rate_limit})
-    run_key = params.run_key or await _scheduled_slot() or _batch_key(params, items)
+    # A range's progress and report artifacts are its own: K ranges run at once.
+    label = run_key if bounds is None else f"{run_key}-{range_label(bounds)}"
     # Beside the outputs unless configured: a run retried in a fresh container finds it.
     ledger = await in_thread(partial(default_ledger, beside=store))
     batch = _Batch(params, run_key, store, creds, ledger)
@@ -420,9 +485,10 @@ async def run_batch(params: BatchParams, *, credentials_block: str | None = None
     todo = [i for i in items if i.id not in resumed_ids]
     estimate = sum((estimate_cost(i.request) for i in todo), Decimal(0))
     logger.info(
-        "Batch %s: %d item(s) (%d already persisted, %d broken line(s)), up to %s, "
+        "Batch %s%s: %d item(s) (%d already persisted, %d broken line(s)), up to %s, "
         "concurrency %d, into s3://%s/%s",
         run_key,
+        "" if params.lines is None else f" lines {params.lines}",
         len(items),
         len(resumed),
         len(broken),
@@ -433,13 +499,17 @@ async def run_batch(params: BatchParams, *, credentials_block: str | None = None
     )
 
     progress = await in_thread(
-        partial(Progress, f"EggAPI batch {run_key}", artifact_key("eggapi-batch", run_key))
+        partial(Progress, f"EggAPI batch {label}", artifact_key("eggapi-batch", label))
     )
     batch.finished = len(resumed)
     results = list(resumed)
     results += await asyncio.gather(*(batch.run_item(i, progress, len(items)) for i in todo))
 
-    status_key = f"{batch.base}/status.jsonl"
+    status_key = (
+        f"{batch.base}/status.jsonl"
+        if bounds is None
+        else f"{batch.base}/shards/{range_label(bounds)}.status.jsonl"
+    )
     results = await in_thread(partial(_write_status, batch, status_key, results, broken))
     by_status = {
         s: [r for r in results if r.status == s] for s in ("persisted", "failed", "skipped")
@@ -457,6 +527,7 @@ async def run_batch(params: BatchParams, *, credentials_block: str | None = None
         reused=batch.reused,
         total_cost=batch.paid,
         batch_cost=total,
+        lines=params.lines,
     )
     problems = [
         ReportRow(
@@ -472,8 +543,8 @@ async def run_batch(params: BatchParams, *, credentials_block: str | None = None
         partial(
             publish_report,
             problems,
-            key=artifact_key("eggapi-batch-problems", run_key),
-            title=f"EggAPI batch {run_key}: items not persisted",
+            key=artifact_key("eggapi-batch-problems", label),
+            title=f"EggAPI batch {label}: items not persisted",
         )
     )
     logger.info(
@@ -516,6 +587,7 @@ async def batch_generate(
     global_rate_limit: str | None = None,
     fail_on_item_error: bool = True,
     credentials_block: str | None = None,
+    lines: str | None = None,
 ) -> BatchSummary:
     """Generate one image set per manifest line; resumable, budgeted, accounted line by line.
 
@@ -529,6 +601,8 @@ async def batch_generate(
         run_key: names the batch for resume (default: a hash of its items).
         global_rate_limit: name of a Prefect global concurrency limit shared by all workers.
         fail_on_item_error: end the run Failed when any line failed, was skipped or broken.
+        lines: ``"start:stop"``, only those manifest lines (1-based, stop excluded) under the
+            whole manifest's run key and item keys; for shards (see ``sharded_batch_generate``).
     """
     params = BatchParams.parse(
         {
@@ -546,6 +620,7 @@ async def batch_generate(
             "run_key": run_key,
             "global_rate_limit": global_rate_limit,
             "fail_on_item_error": fail_on_item_error,
+            "lines": lines,
         }
     )
     return await run_batch(params, credentials_block=credentials_block)
