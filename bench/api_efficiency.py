@@ -67,8 +67,7 @@ def measure(
             receiver = WebhookReceiver(
                 [SECRET],
                 processor=EggAPIReconciler(
-                    EggAPICredentials(api_key=stack.api_key, base_url=stack.base_url),
-                    emit_events=False,
+                    EggAPICredentials(api_key=stack.api_key, base_url=stack.base_url)
                 ),
                 signals=signals,
             )

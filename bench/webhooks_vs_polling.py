@@ -106,8 +106,7 @@ def main() -> None:
         receiver = WebhookReceiver(
             [SECRET],
             processor=EggAPIReconciler(
-                EggAPICredentials(api_key=HOOK_KEY, base_url=emulator.base_url),
-                emit_events=False,
+                EggAPICredentials(api_key=HOOK_KEY, base_url=emulator.base_url)
             ),
             signals=signals,
         )

@@ -578,7 +578,7 @@ def _webhook_leg(
     signals_path = tmp / "chaos-signals.sqlite"
     receiver = WebhookReceiver(
         creds.webhook_secrets,
-        processor=EggAPIReconciler(creds, emit_events=False),
+        processor=EggAPIReconciler(creds),
         signals=SQLiteSignals(signals_path),
     )
     with socket.socket() as sock:

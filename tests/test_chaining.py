@@ -63,6 +63,7 @@ def test_follow_up_flow_runs_on_the_webhook_event(
     from prefect_eggapi.client import EggAPIClient
     from prefect_eggapi.credentials import EggAPICredentials
     from prefect_eggapi.receiver import EggAPIReconciler, WebhookReceiver
+    from prefect_eggapi.receiver_cli import emit_webhook_event
     from prefect_eggapi.signals import SQLiteSignals
     from test_receiver import serve_asgi
 
@@ -115,7 +116,7 @@ def test_follow_up_flow_runs_on_the_webhook_event(
         credentials = EggAPICredentials(api_key=emulator_api_key, base_url=emulator.base_url)
         receiver = WebhookReceiver(
             [SECRET],
-            processor=EggAPIReconciler(credentials),
+            processor=EggAPIReconciler(credentials, announce=emit_webhook_event),
             signals=SQLiteSignals(tmp_path / "signals.sqlite"),
         )
         emulator.set_config(manual=True, webhook_secret=SECRET)

@@ -439,7 +439,7 @@ def live_receiver(
     credentials = EggAPICredentials(api_key=emulator_api_key, base_url=emulator.base_url)
     rec = WebhookReceiver(
         [SECRET],
-        processor=EggAPIReconciler(credentials, emit_events=False),
+        processor=EggAPIReconciler(credentials),
         signals=SQLiteSignals(tmp_path / "signals.sqlite"),
     )
     emulator.set_config(manual=True, webhook_secret=SECRET)

@@ -33,6 +33,7 @@ from prefect_eggapi.client import EggAPIClient
 from prefect_eggapi.credentials import EggAPICredentials
 from prefect_eggapi.polling import PollPolicy
 from prefect_eggapi.receiver import EggAPIReconciler, WebhookReceiver
+from prefect_eggapi.receiver_cli import emit_webhook_event
 from prefect_eggapi.signals import SQLiteSignals
 from prefect_eggapi.tasks import wait_for_task
 from reliability_common import find_secrets, wait_until
@@ -148,7 +149,7 @@ def scene(emulator, emulator_api_key: str, tmp_path: Path):
     signals_path = tmp_path / "signals.sqlite"
     receiver = WebhookReceiver(
         creds.webhook_secrets,
-        processor=EggAPIReconciler(creds, emit_events=True),
+        processor=EggAPIReconciler(creds, announce=emit_webhook_event),
         signals=SQLiteSignals(signals_path),
     )
     emulator.set_config(manual=True, webhook_secret=SECRET)

@@ -18,7 +18,7 @@ SUBCOMMANDS = {
     "emulator": "prefect_eggapi.emulator.cli",
     "stack": "prefect_eggapi.stack",
     "demo": "prefect_eggapi.demo",
-    "webhooks": "prefect_eggapi.receiver",
+    "webhooks": "prefect_eggapi.receiver_cli",
 }
 
 

@@ -8,7 +8,9 @@ tolerance window, deduplicates on ``(task_id, status)``, and answers ``202`` at 
 slow happens after the answer, in a worker thread: the task is re-read with
 ``GET /v1/tasks/{id}`` (the payload is never trusted) and, when the API confirms a terminal
 status, ``eggapi.task.completed`` / ``eggapi.task.failed`` is emitted as a Prefect event with
-resource ``eggapi.task.<id>``. Waits in other processes wake through :class:`SQLiteSignals`.
+resource ``eggapi.task.<id>`` by the ``prefect-eggapi webhooks`` command (:mod:`prefect_eggapi.
+receiver_cli`; this module imports no Prefect). Waits in other processes wake through
+:class:`SQLiteSignals`.
 
 Deliveries to ``{path}/s/<nonce>`` (the per-submission URL the submitter sends, see
 :func:`prefect_eggapi.webhooks.with_nonce`) are *attributions*: once the signature checks out,
@@ -29,15 +31,14 @@ untrusted hints, which is safe only because the task is always re-read.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from pydantic import SecretStr
 from starlette.applications import Starlette
@@ -46,17 +47,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from prefect_eggapi.client import DEFAULT_BASE_URL, EggAPIClient
 from prefect_eggapi.ledger import (
-    LEDGER_DIR_ENV,
-    LEDGER_URI_ENV,
     DeliveryLog,
-    LedgerStore,
-    default_ledger,
-    ledger_at,
 )
 from prefect_eggapi.models import Task, WebhookPayload
-from prefect_eggapi.signals import SQLiteSignals, default_signals_path
-from prefect_eggapi.storage import OutputStore, S3Settings
+from prefect_eggapi.signals import SQLiteSignals
 from prefect_eggapi.webhooks import (
     DEFAULT_TOLERANCE_SECONDS,
     NONCE_RE,
@@ -68,20 +64,15 @@ from prefect_eggapi.webhooks import (
     verify,
 )
 
-if TYPE_CHECKING:
-    from prefect_eggapi.client import EggAPIClient
-    from prefect_eggapi.credentials import EggAPICredentials
-
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_PATH",
     "SECRETS_ENV",
+    "ClientSource",
     "EggAPIReconciler",
     "PayloadProcessor",
     "WebhookReceiver",
-    "configure_parser",
     "create_receiver_app",
-    "run",
     "secrets_from_env",
 ]
 
@@ -108,38 +99,58 @@ class PayloadProcessor(Protocol):
         ...
 
 
+class ClientSource(Protocol):
+    """Anything that builds a client: an ``EggAPICredentials`` block, for one."""
+
+    def get_client(self) -> EggAPIClient: ...
+
+
+class _FromEnvironment:
+    """``EGGAPI_API_KEY`` / ``EGGAPI_BASE_URL``, as the credentials block reads them."""
+
+    def get_client(self) -> EggAPIClient:
+        key = os.environ.get("EGGAPI_API_KEY", "")
+        if not key:
+            raise ValueError("EGGAPI_API_KEY is empty: the receiver cannot re-read tasks")
+        return EggAPIClient(key, os.environ.get("EGGAPI_BASE_URL") or DEFAULT_BASE_URL)
+
+
+Announce = Callable[[Task, WebhookPayload], None]
+
+
 class EggAPIReconciler:
-    """Re-reads the task with ``GET /v1/tasks/{id}`` and emits the Prefect event for it.
+    """Re-reads the task with ``GET /v1/tasks/{id}`` and announces it when it is terminal.
 
     Args:
-        credentials: where the API is; defaults to ``EggAPICredentials()`` (environment).
-        emit_events: emit ``eggapi.task.<status>`` events (needs ``PREFECT_API_URL`` to reach a
-            server other processes see).
+        source: what builds the API client (an ``EggAPICredentials`` block; default: the
+            ``EGGAPI_API_KEY`` / ``EGGAPI_BASE_URL`` variables).
+        announce: called with each confirmed task, e.g. to emit a Prefect event (the
+            ``prefect-eggapi webhooks`` command passes one); never fails the receiver.
     """
 
     def __init__(
-        self, credentials: EggAPICredentials | None = None, *, emit_events: bool = True
+        self, source: ClientSource | None = None, *, announce: Announce | None = None
     ) -> None:
-        self._credentials = credentials
-        self.emit_events = emit_events
+        self._source: ClientSource = source or _FromEnvironment()
+        self.announce = announce
         self._client: EggAPIClient | None = None
         self._lock = threading.Lock()
 
     def _http(self) -> EggAPIClient:
         with self._lock:
             if self._client is None:
-                from prefect_eggapi.credentials import EggAPICredentials
-
-                creds = self._credentials or EggAPICredentials()
-                self._client = creds.get_client()
+                self._client = self._source.get_client()
             return self._client
 
     def __call__(self, payload: WebhookPayload) -> Task | None:
         task = self._http().get_task(payload.task_id)
         if not task.is_terminal:
             return None
-        if self.emit_events:
-            emit_webhook_event(task, payload)
+        if self.announce is not None:
+            try:
+                self.announce(task, payload)
+            except Exception:  # telemetry must not fail the receiver
+                log.warning("could not announce %s", task.id, exc_info=True)
         return task
 
     def close(self) -> None:
@@ -147,31 +158,6 @@ class EggAPIReconciler:
             if self._client is not None:
                 self._client.close()
                 self._client = None
-
-
-def emit_webhook_event(task: Task, payload: WebhookPayload) -> None:
-    """``eggapi.task.<status>`` (status as re-read), resource ``eggapi.task.<id>``."""
-    from prefect.events import emit_event
-
-    from prefect_eggapi.artifacts import EVENT_PREFIX, task_resource
-
-    body: dict[str, Any] = {"status": task.status.value, "source": "webhook"}
-    if task.cost is not None:
-        body["cost"] = str(task.cost_amount)
-    if task.error:
-        body["error"] = task.error
-    if task.output is not None:
-        body["urls"] = task.output.all_urls
-    body["webhook_event"] = payload.event
-    labels = {"model": task.model or "", "type": task.type or "", "source": "webhook"}
-    try:
-        emit_event(
-            f"{EVENT_PREFIX}.{task.status.value}",
-            resource=task_resource(task.id, **labels),
-            payload=body,
-        )
-    except Exception:  # telemetry must not fail the receiver
-        log.warning("could not emit the event for %s", task.id, exc_info=True)
 
 
 class WebhookReceiver:
@@ -427,150 +413,3 @@ def create_receiver_app(
 ) -> Starlette:
     """Shortcut for ``WebhookReceiver(secrets, **options).app``."""
     return WebhookReceiver(secrets, **options).app
-
-
-# --------------------------------------------------------------------------- CLI
-
-DESCRIPTION = """\
-Run the EggAPI webhook receiver: verifies X-EggAPI-Signature over the raw body, refuses stale,
-future, replayed, oversized and unsigned deliveries, answers 202 at once, re-reads each task with
-GET /v1/tasks/{id}, emits eggapi.task.completed / eggapi.task.failed Prefect events (point
-PREFECT_API_URL at your server), and wakes waiting flows through a SQLite signal file.
-Secrets come from the credentials block (webhook_secrets) and/or EGGAPI_WEBHOOK_SECRETS
-(comma-separated); never from the command line.
-"""
-
-
-def configure_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "webhooks",
-        help="Run the webhook receiver (verify, dedupe, re-read, emit Prefect events).",
-        description=DESCRIPTION,
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="Bind address (default: 127.0.0.1).")
-    parser.add_argument(
-        "--port", type=int, default=DEFAULT_PORT, help=f"Port (default: {DEFAULT_PORT})."
-    )
-    parser.add_argument("--path", default=DEFAULT_PATH, help=f"URL path (default: {DEFAULT_PATH}).")
-    parser.add_argument(
-        "--credentials-block",
-        default=None,
-        metavar="NAME",
-        help="EggAPICredentials block to load (default: EGGAPI_API_KEY / EGGAPI_BASE_URL).",
-    )
-    parser.add_argument(
-        "--secrets-env",
-        default=SECRETS_ENV,
-        metavar="VAR",
-        help=f"Environment variable with comma-separated secrets (default: {SECRETS_ENV}).",
-    )
-    parser.add_argument(
-        "--signals",
-        default=None,
-        metavar="PATH",
-        help="SQLite signal file shared with waiting flows (default: EGGAPI_WEBHOOK_SIGNALS, "
-        "else .eggapi/webhook-signals.sqlite).",
-    )
-    parser.add_argument(
-        "--ledger",
-        default=None,
-        metavar="LOCATION",
-        help="Ledger that submitters use, where deliveries to per-submission URLs are "
-        "attributed: s3://bucket/prefix or a directory (default: EGGAPI_LEDGER_URI, "
-        "EGGAPI_LEDGER_DIR, else beside EGGAPI_S3_BUCKET's outputs, else .eggapi).",
-    )
-    parser.add_argument(
-        "--tolerance",
-        type=float,
-        default=DEFAULT_TOLERANCE_SECONDS,
-        help="Accepted timestamp skew in seconds (default: 300).",
-    )
-    parser.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=DEFAULT_MAX_BODY_BYTES,
-        help=f"Larger bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES}).",
-    )
-    parser.add_argument(
-        "--allow-unsigned",
-        action="store_true",
-        help="Without any secret, accept unsigned deliveries as untrusted hints.",
-    )
-    parser.add_argument(
-        "--no-events", action="store_true", help="Do not emit Prefect events (signals only)."
-    )
-    parser.add_argument("--log-level", default="info", help="Log level (default: info).")
-    parser.set_defaults(func=run)
-    return parser
-
-
-def _load_credentials(block: str | None) -> EggAPICredentials:
-    from prefect_eggapi.credentials import EggAPICredentials
-
-    if block:
-        loaded = EggAPICredentials.load(block)
-        assert isinstance(loaded, EggAPICredentials)
-        return loaded
-    return EggAPICredentials()
-
-
-def receiver_ledger(location: str | None) -> LedgerStore:
-    """The ledger the flows of this configuration use (same rules as ``default_ledger``)."""
-    if location:
-        return ledger_at(location)
-    configured = os.environ.get(LEDGER_URI_ENV) or os.environ.get(LEDGER_DIR_ENV)
-    if not configured and os.environ.get("EGGAPI_S3_BUCKET"):
-        return default_ledger(beside=OutputStore.from_settings(S3Settings.from_env()))
-    return default_ledger()
-
-
-def build_receiver(args: argparse.Namespace) -> WebhookReceiver:
-    credentials = _load_credentials(args.credentials_block)
-    secrets: Sequence[SecretStr] = [*secrets_from_env(args.secrets_env)]
-    secrets = [*secrets, *coerce_secrets(credentials.webhook_secrets)]
-    signals = SQLiteSignals(args.signals or default_signals_path())
-    return WebhookReceiver(
-        secrets,
-        processor=EggAPIReconciler(credentials, emit_events=not args.no_events),
-        signals=signals,
-        deliveries=receiver_ledger(args.ledger),
-        tolerance=args.tolerance,
-        max_body_bytes=args.max_body_bytes,
-        allow_unsigned=args.allow_unsigned,
-        path=args.path,
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
-    try:
-        receiver = build_receiver(args)
-    except ValueError as exc:
-        print(f"error: {exc}")
-        return 2
-    if not args.no_events and not os.environ.get("PREFECT_API_URL"):
-        log.warning(
-            "PREFECT_API_URL is not set: events go to this process's own ephemeral API, "
-            "where no automation or other process sees them"
-        )
-    host = args.host
-    shown = f"[{host}]" if ":" in host else host
-    signals_path = receiver.signals.path if receiver.signals else None
-    print(
-        f"EggAPI webhook receiver on http://{shown}:{args.port}{receiver.path} "
-        f"({len(receiver.secrets)} secret(s); signals: {signals_path}; "
-        f"deliveries attributed in {receiver.deliveries!r})",
-        flush=True,
-    )
-    try:
-        uvicorn.run(receiver.app, host=host, port=args.port, log_level=args.log_level.lower())
-    finally:
-        if isinstance(receiver.processor, EggAPIReconciler):
-            receiver.processor.close()
-        if not args.no_events:
-            from prefect.events.worker import EventsWorker
-
-            EventsWorker.drain_all()
-    return 0
