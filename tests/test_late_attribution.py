@@ -6,7 +6,9 @@ its task while A's is unresolved and its 202 arrives late (held 12 s). When A re
 unknown same-model tasks sit in its window and B is still in flight, so A cannot tell which is
 its own: after its sibling wait it fails loudly (``ReconciliationError``) and pays nothing more.
 Once B has recorded its task, only A's task is unknown in A's window: the recovery flow
-attributes it (never posting), stores its outputs, and a rerun of A reconnects to it.
+attributes it (never posting), stores its outputs, turns A's failed batch item (A is keyed as a
+batch keys its items, and its failure was written with the batch's own status functions) into a
+persisted one in its status object and in ``status.jsonl``, and a rerun of A reconnects to it.
 
 Judged from the emulator's audit (billable tasks and their prompts, the bytes it serves) and the
 objects in S3.
@@ -32,14 +34,19 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness"
 SUBMITTER = REPO / "tests" / "wh_submitter.py"
 
 
+RUN_KEY = "batch-late-0001"
+
+
 def _submitter(
     env: dict[str, str], tmp: Path, name: str, ledger: str, prompt: str
 ) -> tuple[subprocess.Popen[bytes], Path]:
     out = tmp / f"{name}.json"
+    item = prompt.split()[1]  # "red" / "blue": the item id, keyed as the batch keys items
     args = [
         sys.executable,
         str(SUBMITTER),
-        *("--ledger", ledger, "--prompt", prompt, "--key", f"item/{prompt}"),
+        *("--ledger", ledger, "--prompt", prompt),
+        *("--key", f"{RUN_KEY}/{item}", "--label", item),
         *("--lane-width", "2", "--sibling-wait", "3", "--out", str(out)),
     ]
     log = (tmp / f"{name}.log").open("wb")
@@ -89,6 +96,29 @@ def test_recovery_attributes_a_lost_answer_once_its_neighbours_are_known(
     ours = by_prompt[a_prompt]
 
     prefix = f"late-{tmp_path.name}/out"
+    # A's item failed in its batch run: written with the batch's own functions.
+    from prefect_eggapi.flows.batch import (
+        ItemResult,
+        _status_lines,
+        batch_base,
+        record_item_status,
+    )
+    from prefect_eggapi.storage import OutputStore
+
+    store = OutputStore(local_s3.client(), s3_bucket, prefix)
+    base = batch_base(store, RUN_KEY)
+    failed = ItemResult(
+        id="red", line=1, status="failed", error={"type": "ReconciliationError"}, run_id="r1"
+    )
+    persisted_b = ItemResult(
+        id="blue", line=2, status="persisted", task_id=first_b["task_id"], run_id="r1"
+    )
+    for result in (failed, persisted_b):
+        record_item_status(store, base, result)
+    s3 = local_s3.client()
+    s3.put_object(
+        Bucket=s3_bucket, Key=f"{base}/status.jsonl", Body=_status_lines([failed, persisted_b], [])
+    )
     with environ(
         **local_s3.env(),
         EGGAPI_API_KEY=emulator_api_key,
@@ -104,6 +134,25 @@ def test_recovery_attributes_a_lost_answer_once_its_neighbours_are_known(
     assert hashlib.sha256(stored["Body"].read()).hexdigest() == served_sha256(
         emulator.base_url, ours, 0
     )
+
+    # The item's one final status is persisted, with A's task and what recovery stored.
+    assert summary.items_settled == ["red"], summary
+
+    def read(key: str) -> bytes:
+        body: bytes = s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+        return body
+
+    listing = s3.list_objects_v2(Bucket=s3_bucket, Prefix=f"{base}/items/")["Contents"]
+    keys = {o["Key"] for o in listing}
+    assert keys == {f"{base}/items/red.persisted.json", f"{base}/items/blue.persisted.json"}
+    red = json.loads(read(f"{base}/items/red.persisted.json"))
+    assert red["task_id"] == ours and red["s3_uris"] == [f"s3://{s3_bucket}/{prefix}/{ours}/0.png"]
+    assert red["line"] == 1 and red["run_id"].startswith("recovery:")
+    rows = [json.loads(x) for x in read(f"{base}/status.jsonl").splitlines()]
+    assert [(r["id"], r["status"], r["task_id"]) for r in rows] == [
+        ("red", "persisted", ours),
+        ("blue", "persisted", first_b["task_id"]),
+    ]
 
     # A's item now has its task: a rerun reconnects to it and pays nothing.
     again, again_out = _submitter(env, tmp_path, "a-again", ledger, a_prompt)

@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ledger", required=True)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--key", required=True)
+    parser.add_argument("--label", default="")
     parser.add_argument("--webhook-url", default="")
     parser.add_argument("--delivery-wait", type=float, default=120.0)
     parser.add_argument("--lane-width", type=int, default=1)
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             sibling_wait_seconds=args.sibling_wait,
         )
         try:
-            outcome = submitter.submit(request, logical_key=args.key)
+            outcome = submitter.submit(request, logical_key=args.key, label=args.label)
             result = {
                 "task_id": outcome.task.id,
                 "adopted": outcome.adopted,

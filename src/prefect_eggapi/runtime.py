@@ -16,6 +16,14 @@ from typing import TypeVar
 R = TypeVar("R")
 
 
+def flow_run_id() -> str | None:
+    """The current flow run's id (in this process), or None outside a flow run."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
+
+
 def run_scope() -> str:
     """``deployment:<id>:<scheduled start>`` for scheduled runs, else ``flow-run:<id>``.
 

@@ -46,7 +46,7 @@ from prefect_eggapi.flows.pipeline import FlowParams, _credentials, _scheduled_s
 from prefect_eggapi.ledger import LedgerStore, default_ledger
 from prefect_eggapi.models import AspectRatio, Model, Resolution
 from prefect_eggapi.pricing import estimate_cost, format_cost
-from prefect_eggapi.runtime import in_thread, run_logger
+from prefect_eggapi.runtime import flow_run_id, in_thread, run_logger
 from prefect_eggapi.storage import (
     OutputStore,
     S3Settings,
@@ -189,18 +189,82 @@ def _budget_for(cap: Decimal, scope: str) -> Any:
     return Budget(cap=cap, scope=scope)
 
 
-def _flow_run_id() -> str | None:
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
-
-
 def _batch_key(params: BatchParams, items: list[BatchItem]) -> str:
     digest = hashlib.sha256()
     for item in items:
         digest.update(f"{item.id}\n{item.request.fingerprint()}\n".encode())
     return "batch-" + digest.hexdigest()[:20]
+
+
+def batch_base(store: OutputStore, run_key: str) -> str:
+    """Where a batch's status objects and ``status.jsonl`` live."""
+    return "/".join(p for p in (store.prefix, "batches", run_key) if p)
+
+
+def item_status_key(base: str, item_id: str, status: str) -> str:
+    return f"{base}/items/{item_id}.{status}.json"
+
+
+def load_item_status(store: OutputStore, base: str, item_id: str, status: str) -> ItemResult | None:
+    found = read_object(store.client, store.bucket, item_status_key(base, item_id, status))
+    return ItemResult.model_validate_json(found[0]) if found else None
+
+
+def _delete_statuses(store: OutputStore, base: str, item_id: str, statuses: set[str]) -> None:
+    """Remove the item's other status objects in one request (missing keys are fine): every
+    persisted item pays this once, so two DELETEs per item would add up in a large batch."""
+    if not statuses:
+        return
+    store.client.delete_objects(
+        Bucket=store.bucket,
+        Delete={
+            "Objects": [{"Key": item_status_key(base, item_id, s)} for s in sorted(statuses)],
+            "Quiet": True,
+        },
+    )
+
+
+def record_item_status(
+    store: OutputStore, base: str, result: ItemResult
+) -> tuple[ItemResult, bool]:
+    """Write the item's one final status; returns it and whether ``result`` is it.
+
+    ``persisted`` is written only where none exists (If-None-Match): when two runs finish
+    one item, the first write stands and the other run reports the item as reused, at no
+    cost. A failure never stands beside a persisted result: it is written only while none
+    exists, and taken back if one appeared meanwhile (the persisting run deletes stale
+    failures after its own write, so either order leaves one status).
+    """
+    assert result.id is not None
+    client, bucket = store.client, store.bucket
+    body = result.model_dump_json().encode()
+    others = {"persisted", "failed", "skipped"} - {result.status}
+    persisted_key = item_status_key(base, result.id, "persisted")
+    if result.status == "persisted":
+        if put_if(client, bucket, persisted_key, body, None) is None:
+            winner = load_item_status(store, base, result.id, "persisted")
+            if winner is not None:
+                return winner, False
+            client.put_object(  # deleted in between: ours is the only one now
+                Bucket=bucket, Key=persisted_key, Body=body
+            )
+        _delete_statuses(store, base, result.id, others)
+        return result, True
+    winner = load_item_status(store, base, result.id, "persisted")
+    if winner is not None:
+        return winner, False
+    client.put_object(
+        Bucket=bucket,
+        Key=item_status_key(base, result.id, result.status),
+        Body=body,
+        ContentType="application/json",
+    )
+    _delete_statuses(store, base, result.id, others - {"persisted"})
+    winner = load_item_status(store, base, result.id, "persisted")
+    if winner is not None:
+        _delete_statuses(store, base, result.id, {result.status})
+        return winner, False
+    return result, True
 
 
 class _Batch:
@@ -221,8 +285,8 @@ class _Batch:
         self.ledger = ledger
         self.paid = Decimal(0)  # what this run's own status objects account for
         self.reused = 0
-        self.run_id = _flow_run_id()
-        self.base = "/".join(p for p in (store.prefix, "batches", run_key) if p)
+        self.run_id = flow_run_id()
+        self.base = batch_base(store, run_key)
         self.semaphore = asyncio.Semaphore(params.concurrency)
         self.stop_submitting = False
         self.finished = 0
@@ -233,7 +297,7 @@ class _Batch:
         )
 
     def status_key(self, item_id: str, status: str) -> str:
-        return f"{self.base}/items/{item_id}.{status}.json"
+        return item_status_key(self.base, item_id, status)
 
     def already_persisted(self) -> set[str]:
         prefix = f"{self.base}/items/"
@@ -250,63 +314,12 @@ class _Batch:
         return done
 
     def load_persisted(self, item_id: str) -> ItemResult | None:
-        found = read_object(
-            self.store.client, self.store.bucket, self.status_key(item_id, "persisted")
-        )
-        return ItemResult.model_validate_json(found[0]) if found else None
-
-    def _delete(self, item_id: str, statuses: set[str]) -> None:
-        """Remove the item's other status objects in one request (missing keys are fine): every
-        persisted item pays this once, so two DELETEs per item would add up in a large batch."""
-        if not statuses:
-            return
-        self.store.client.delete_objects(
-            Bucket=self.store.bucket,
-            Delete={
-                "Objects": [{"Key": self.status_key(item_id, s)} for s in sorted(statuses)],
-                "Quiet": True,
-            },
-        )
+        return load_item_status(self.store, self.base, item_id, "persisted")
 
     def record(self, result: ItemResult) -> tuple[ItemResult, bool]:
-        """Write the item's one final status; returns it and whether this run's result is it.
-
-        ``persisted`` is written only where none exists (If-None-Match): when two runs finish
-        one item, the first write stands and the other run reports the item as reused, at no
-        cost. A failure never stands beside a persisted result: it is written only while none
-        exists, and taken back if one appeared meanwhile (the persisting run deletes stale
-        failures after its own write, so either order leaves one status).
-        """
-        assert result.id is not None
+        """The item's one final status (see :func:`record_item_status`), written by this run."""
         result.run_id = self.run_id
-        client, bucket = self.store.client, self.store.bucket
-        body = result.model_dump_json().encode()
-        others = {"persisted", "failed", "skipped"} - {result.status}
-        if result.status == "persisted":
-            if put_if(client, bucket, self.status_key(result.id, "persisted"), body, None) is None:
-                winner = self.load_persisted(result.id)
-                if winner is not None:
-                    return winner, False
-                client.put_object(  # deleted in between: ours is the only one now
-                    Bucket=bucket, Key=self.status_key(result.id, "persisted"), Body=body
-                )
-            self._delete(result.id, others)
-            return result, True
-        winner = self.load_persisted(result.id)
-        if winner is not None:
-            return winner, False
-        client.put_object(
-            Bucket=bucket,
-            Key=self.status_key(result.id, result.status),
-            Body=body,
-            ContentType="application/json",
-        )
-        self._delete(result.id, others - {"persisted"})
-        winner = self.load_persisted(result.id)
-        if winner is not None:
-            self._delete(result.id, {result.status})
-            return winner, False
-        return result, True
+        return record_item_status(self.store, self.base, result)
 
     async def record_durably(self, result: ItemResult, attempts: int = 8) -> ItemResult:
         """The item's final status (see :meth:`record`), counted once into this run's spend.

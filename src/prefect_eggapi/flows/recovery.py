@@ -23,6 +23,7 @@ left for the next run; one item that cannot be stored does not stop the others.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
@@ -39,6 +40,12 @@ from prefect_eggapi.errors import (
     TaskFailedError,
     describe,
 )
+from prefect_eggapi.flows.batch import (
+    ItemResult,
+    batch_base,
+    load_item_status,
+    record_item_status,
+)
 from prefect_eggapi.flows.pipeline import _credentials
 from prefect_eggapi.ledger import (
     EntryState,
@@ -48,8 +55,8 @@ from prefect_eggapi.ledger import (
     ledger_key,
 )
 from prefect_eggapi.models import Task, TaskStatus
-from prefect_eggapi.runtime import in_thread, run_logger
-from prefect_eggapi.storage import OutputStore, S3Settings
+from prefect_eggapi.runtime import flow_run_id, in_thread, run_logger
+from prefect_eggapi.storage import OutputStore, S3Settings, StoredImage, put_if, read_object
 from prefect_eggapi.submission import Submitter, record_outcome
 
 PENDING_STATES = {EntryState.ABANDONED, EntryState.SUBMITTED, EntryState.COMPLETED}
@@ -59,6 +66,9 @@ class RecoverySummary(BaseModel):
     checked: int = 0
     attributed: list[str] = Field(
         default_factory=list, description="Ambiguous entries' tasks attributed now."
+    )
+    items_settled: list[str] = Field(
+        default_factory=list, description="Batch items that had failed and are persisted now."
     )
     persisted: list[str] = Field(default_factory=list, description="Task ids stored now.")
     unattributed: list[str] = Field(
@@ -124,31 +134,78 @@ def _recover_one(
     creds: EggAPICredentials,
     ledger: LedgerStore,
     summary: RecoverySummary,
-) -> None:
+) -> tuple[Task, list[StoredImage]] | None:
+    """Store one task's outputs if it completed; (task, stored) when it did."""
     from prefect_eggapi.tasks import download_outputs
 
     task: Task = client.get_task(task_id)
     summary.checked += 1
     if not task.is_terminal:
         summary.still_running.append(task_id)
-        return
+        return None
     if task.status is TaskStatus.FAILED:
         moderated = (task.error or "").lower().startswith("content moderation")
         error = ContentModerationError(task) if moderated else TaskFailedError(task)
         record_outcome(ledger, task_id, error=error)
         summary.failed.append(task_id)
-        return
+        return None
     if not task.output_urls:
         record_outcome(ledger, task_id, error=EmptyOutputError(task))
         summary.failed.append(task_id)
-        return
+        return None
     if ledger.find_task(task_id) is None:
         _adopt_orphan(ledger, task)
     else:
         record_outcome(ledger, task_id, task=task)
-    download_outputs.fn(task, store, creds, label="recovered", image_artifacts=False, ledger=ledger)
+    stored = download_outputs.fn(
+        task, store, creds, label="recovered", image_artifacts=False, ledger=ledger
+    )
     summary.persisted.append(task_id)
     summary.recovered_cost += task.cost_amount
+    return task, stored
+
+
+def _settle_item(
+    store: OutputStore, entry: LedgerEntry, task: Task, stored: list[StoredImage], run: str
+) -> bool:
+    """The batch item that failed for this entry's lost answer is persisted now: its status
+    object says so (the failed one is removed), and so does the batch's ``status.jsonl``."""
+    item_id, suffix = entry.label, f"/{entry.label}"
+    if not item_id or not entry.logical_key.endswith(suffix):
+        return False  # not a batch item (batches key items as "{run_key}/{item_id}")
+    base = batch_base(store, entry.logical_key[: -len(suffix)])
+    failed = load_item_status(store, base, item_id, "failed")
+    if failed is None:
+        return False
+    result = ItemResult(
+        id=item_id,
+        line=failed.line,
+        status="persisted",
+        task_id=task.id,
+        cost=task.cost_amount,
+        s3_uris=[image.uri for image in stored],
+        run_id=run,
+    )
+    final, ours = record_item_status(store, base, result)
+    if ours:
+        _rewrite_status_line(store, f"{base}/status.jsonl", final)
+    return ours
+
+
+def _rewrite_status_line(store: OutputStore, key: str, result: ItemResult, tries: int = 8) -> None:
+    """Replace the item's row in ``status.jsonl`` (conditional on the version read)."""
+    for _ in range(tries):
+        found = read_object(store.client, store.bucket, key)
+        if found is None:
+            return
+        rows = [json.loads(line) for line in found[0].decode().splitlines() if line.strip()]
+        fresh = result.model_dump(mode="json")
+        rows = [fresh if row.get("id") == result.id else row for row in rows]
+        body = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
+        if put_if(
+            store.client, store.bucket, key, body, found[1], content_type="application/x-ndjson"
+        ):
+            return
 
 
 def _adopt_orphan(ledger: LedgerStore, task: Task) -> None:
@@ -201,15 +258,21 @@ async def recover_outputs(
     aside = OutputStore(store.client, store.bucket, f"{store.prefix}/unattributed".lstrip("/"))
     with creds.get_client() as client:
         await in_thread(partial(_attribute_late, ledger, client, min_age_seconds, summary))
+        late = set(summary.attributed)
         ids, unattributed = await in_thread(
             partial(_candidates, ledger, client, scan_api_pages, include_unknown, min_age_seconds)
         )
         for task_id in ids:
             target = aside if task_id in unattributed else store
             try:
-                await in_thread(
+                done = await in_thread(
                     partial(_recover_one, task_id, client, target, creds, ledger, summary)
                 )
+                entry = ledger.find_task(task_id) if done is not None and task_id in late else None
+                if done is not None and entry is not None:
+                    run = f"recovery:{flow_run_id() or 'local'}"
+                    if await in_thread(partial(_settle_item, store, entry, *done, run)):
+                        summary.items_settled.append(entry.label)
             except Exception as exc:  # one bad item must not stop the sweep
                 summary.errors[task_id] = describe(exc)["message"]
                 logger.warning("Recovery of %s failed: %s", task_id, summary.errors[task_id])

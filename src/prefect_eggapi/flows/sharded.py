@@ -52,13 +52,12 @@ from prefect_eggapi.flows.batch import (
     BatchSummary,
     ItemResult,
     _batch_key,
-    _flow_run_id,
     _status_lines,
     in_range,
 )
 from prefect_eggapi.flows.pipeline import FlowParams, _scheduled_slot
 from prefect_eggapi.pricing import format_cost
-from prefect_eggapi.runtime import in_thread, run_logger
+from prefect_eggapi.runtime import flow_run_id, in_thread, run_logger
 from prefect_eggapi.storage import OutputStore, S3Settings, put_if, read_object
 
 DEFAULT_SHARD_DEPLOYMENT = "eggapi-batch/batch-shard"
@@ -255,7 +254,7 @@ async def _run_shards(
     from prefect.states import Crashed
 
     logger = run_logger()
-    parent = _flow_run_id() or "local"
+    parent = flow_run_id() or "local"
     rescued = 0
 
     async def launch(shard: _Shard) -> None:
@@ -450,7 +449,7 @@ async def run_sharded(
         incomplete_shards=sum(not s.report.completed for s in shards),
         killed_runs_cost=killed,
         missing=missing,
-        parent_run_id=_flow_run_id(),
+        parent_run_id=flow_run_id(),
     )
     await in_thread(
         partial(
