@@ -325,3 +325,44 @@ def test_a_delivery_is_recorded_once_and_the_first_writer_wins(two_workers):
     assert b.record_delivery("nonce-1", "gen_second") == "gen_first"
     assert a.delivered("nonce-1") == "gen_first"
     assert b.delivered("nonce-2") is None
+
+
+def test_a_burst_of_lost_answers_is_attributed_one_by_one(store, client, emulator):
+    """16 concurrent submits in one process; 2 POSTs answered 503 before anything was created
+    (twice for one item), then 502 after create, dropped and late answers back to back. With one
+    POST of the lane in flight at a time, every lost answer has exactly one candidate; a POST
+    proven to have created nothing must not stand as an unresolved neighbour of the next ones
+    (bench/chaos.py --items 60 failed 6 items this way: each failure poisoned the next)."""
+    from prefect_eggapi.errors import EggAPIError, ErrorClass
+
+    emulator.add_fault("error_before_create", status=503, times=2, skip=1)
+    emulator.add_fault("error_after_create", status=502, times=2, skip=2)
+    emulator.add_fault("drop_after_create", times=2, skip=4)
+    emulator.add_fault("timeout_after_create", times=2, skip=5, delay=4.5)
+    results: dict[int, str] = {}
+
+    def one(i: int) -> None:
+        with EggAPIClient(client._api_key, emulator.base_url, rate_limit=None, timeout=3.0) as own:
+            submitter = Submitter(own, store, settle_seconds=0.5)
+            request = GenerateRequest(model="nanobanana", prompt=f"burst item {i}")
+            for _ in range(3):  # what the Prefect task's retries do with a retryable error
+                try:
+                    results[i] = submitter.submit(request, logical_key=f"burst/{i}").task.id
+                    return
+                except EggAPIError as exc:  # retried as retry_submit does: retryable, ambiguous
+                    results[i] = f"{type(exc).__name__}: {exc}"
+                    if exc.classification is ErrorClass.TERMINAL:
+                        return
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(240)
+    failed = {i: r for i, r in results.items() if not r.startswith("gen_")}
+    assert not failed, failed
+    created = {t["prompt"]: t["task_id"] for t in emulator.created_tasks()}
+    assert len(emulator.created_tasks()) == 16  # one billable task per item
+    assert {results[i] for i in range(16)} == {created[f"burst item {i}"] for i in range(16)}
+    for i in range(16):
+        assert results[i] == created[f"burst item {i}"]  # each item its own task

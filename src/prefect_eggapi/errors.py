@@ -194,6 +194,16 @@ class APITimeoutError(APIConnectionError):
     """A read or write timed out on a request that changes nothing (GET)."""
 
 
+class NothingCreatedError(EggAPIError):
+    """A POST failed and reconciliation proved that it created nothing: posting again is safe.
+
+    Raised when a submit already re-posted once after such a proof and lost that answer too; the
+    entry is left ``rejected`` (nothing exists), so a retry posts a fresh request.
+    """
+
+    classification = ErrorClass.RETRYABLE
+
+
 class AmbiguousSubmitError(EggAPIError):
     """A submit may have created a task, but no task id came back.
 

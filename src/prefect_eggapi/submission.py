@@ -47,6 +47,7 @@ from prefect_eggapi.errors import (
     EggAPIError,
     EmptyOutputError,
     InvalidRequestError,
+    NothingCreatedError,
     ReconciliationError,
     TaskAbandonedError,
     TaskFailedError,
@@ -149,10 +150,6 @@ def _span(entry: LedgerEntry, fallback_offset: float | None) -> Span:
     shift = timedelta(seconds=offset or 0)
     end = _post_ended(entry)
     return (entry.sent_at or end) + shift - skew, end + shift + skew
-
-
-def _overlaps(a: Span, b: Span) -> bool:
-    return a[0] <= b[1] and b[0] <= a[1]
 
 
 class Submitter:
@@ -544,7 +541,11 @@ class Submitter:
                 settle_seconds=self.settle_seconds,
                 own=lambda task_id: self.ledger.task_entry_key(task_id) == entry.key,
             )
-            overlapping = [other for other, span in siblings if _overlaps(span, window)]
+            # Only a sibling whose own window holds the candidate could have made it.
+            made = result.task.created_at if result.task is not None else None
+            overlapping = [
+                other for other, span in siblings if made is not None and span[0] <= made <= span[1]
+            ]
             if result.task is None or not overlapping:
                 break
             in_flight = any(
@@ -574,6 +575,20 @@ class Submitter:
                 self._claim(current, request)
 
             return self._post(request, self._transition(entry, reclaim), resubmit=False)
+        if result.nothing_created and request is not None:
+            # Proven again, after the one re-post: nothing exists, so this entry must not stand
+            # as an unresolved neighbour that blocks every later lost answer in its window.
+            proof = f"reconciliation proved nothing was created ({result.evidence})"
+
+            def nothing(current: LedgerEntry) -> None:
+                current.state = EntryState.REJECTED
+                current.owner = None
+                current.error = {"message": "nothing created", "evidence": str(result.evidence)}
+                current.history.append(proof)
+
+            with contextlib.suppress(_Replan):
+                self._transition(entry, nothing)
+            raise NothingCreatedError(f"the submit's answers were lost and {proof}; retry it")
 
         def ambiguous(current: LedgerEntry) -> None:
             current.state = EntryState.AMBIGUOUS
