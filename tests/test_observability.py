@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 import time
+from collections import Counter
+from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
+from uuid import UUID, uuid4
 
 import pytest
 from prefect import flow
@@ -21,7 +27,9 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 
 from prefect_eggapi.artifacts import publish_report
 from prefect_eggapi.errors import ContentModerationError
+from prefect_eggapi.flows import image_pipeline
 from prefect_eggapi.models import GenerateRequest
+from prefect_eggapi.storage import OutputStore
 from prefect_eggapi.tasks import generate_image
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
@@ -100,10 +108,12 @@ def test_run_leaves_events_artifacts_and_a_cost_table_that_matches_billing(
         a.data.split("?")[0].split(output_store.bucket + "/", 1)[1] for a in by_type["image"]
     } == stored_keys
     table = next(a for a in by_type["table"] if a.key == "eggapi-test-report")
-    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert [row["task id"] for row in rows] == [r.task_id for r in results]
-    assert {row["cost"] for row in rows} == {"$0.0320"}
-    assert all(row["polls"] >= 1 and row["stored"].startswith("s3://") for row in rows)
+    *rows, total_row = json.loads(table.data) if isinstance(table.data, str) else table.data
+    # "task / object" is gen_…/0.png, gen_…/1.png: the task id and its objects in one column.
+    assert [row["task / object"].split("/")[0] for row in rows] == [r.task_id for r in results]
+    assert {row["paid"] for row in rows} == {"$0.0320"}
+    assert all(row["polls"] >= 1 and row["task / object"].endswith(".png") for row in rows)
+    assert total_row["item"] == "total" and total_row["paid"] == "$0.0640"
     assert any("$0.0640" in (a.data or "") for a in by_type["markdown"])
 
     for r in results:
@@ -152,3 +162,160 @@ def test_failed_task_emits_failed_event_and_error_has_no_key(
     failed = events["eggapi.task.failed"]
     assert failed.payload["classification"] == "terminal"
     assert "Content moderation" in failed.payload["error"]
+
+
+# ------------------------------------------------------------------ the pipeline: once per event
+
+
+def _events(prefix: str, resource_ids: list[str]) -> list[Any]:
+    """Every event named ``prefix…`` about these resources (paged through)."""
+    with get_client(sync_client=True) as client:
+        page = client.read_events(
+            EventFilter(
+                event=EventNameFilter(prefix=[prefix]),
+                resource=EventResourceFilter(id=resource_ids),
+            ),
+            limit=50,
+        )
+        events = list(page.events)
+        while page.next_page:
+            page = client.read_events_page(page.next_page)
+            events.extend(page.events)
+    return events
+
+
+def _flush_events() -> None:
+    """Make sure every event this process emitted so far is readable from the API: send a
+    sentinel after them and poll (bounded) until the server has stored it."""
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    sentinel = f"eggapi.test.sentinel.{uuid4().hex}"
+    emit_event("eggapi.test.sentinel", resource={"prefect.resource.id": sentinel})
+    EventsWorker.drain_all()
+    deadline = time.monotonic() + 30
+    while not _events("eggapi.test.sentinel", [sentinel]):
+        assert time.monotonic() < deadline, "the sentinel event never reached the API"
+        time.sleep(0.2)
+
+
+def _pipeline(**params: Any) -> tuple[Any, UUID]:
+    state = asyncio.run(image_pipeline(return_state=True, **params))
+    assert state.is_completed(), state
+    flow_run_id = state.state_details.flow_run_id
+    assert flow_run_id is not None
+    result = state.result()
+    if inspect.isawaitable(result):  # some Prefect versions hand back a coroutine
+        result = asyncio.run(result)  # type: ignore[arg-type]
+    return result, flow_run_id
+
+
+def _run_artifacts(flow_run_id: UUID) -> dict[str, Any]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key or f"unkeyed-{a.id}": a for a in found}
+
+
+@pytest.fixture
+def pipeline_env(eggapi_env, local_s3, s3_bucket, monkeypatch):
+    for name, value in local_s3.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EGGAPI_S3_BUCKET", s3_bucket)
+    monkeypatch.setenv("EGGAPI_S3_PREFIX", "obs")
+    return eggapi_env
+
+
+def test_a_rerun_that_reconnects_emits_no_task_events_and_materializes_nothing(
+    pipeline_env, local_s3, emulator_api_key
+):
+    params: dict[str, Any] = dict(count=2, seed=21, edit_instructions=["add a red kite"])
+    first, first_run = _pipeline(**params)
+    again, rerun = _pipeline(**params)
+    assert first.submitted_tasks == 4 and again.submitted_tasks == 0 and again.reused_tasks == 4
+    assert len(pipeline_env.created_tasks()) == 4
+    _flush_events()
+
+    task_ids = [t["task_id"] for t in pipeline_env.created_tasks()]
+    events = _events("eggapi.task.", [f"eggapi.task.{t}" for t in task_ids])
+    counts = Counter((e.event, e.resource.id) for e in events)
+    for task_id in task_ids:
+        for kind in ("submitted", "completed", "persisted"):
+            # Exactly once: emitted by the first run, not again by the rerun that reconnected.
+            assert counts[(f"eggapi.task.{kind}", f"eggapi.task.{task_id}")] == 1, counts
+
+    # Every stored image is one materialized asset, its edit's source image as upstream.
+    manifest_items = {(i, r): uri for i, r, uri in _images(first)}
+    materialized = _events("prefect.asset.materialization.", list(manifest_items.values()))
+    assert sorted(e.resource.id for e in materialized) == sorted(manifest_items.values())
+    by_uri = {e.resource.id: e for e in materialized}
+    for (item, rnd), uri in manifest_items.items():
+        event = by_uri[uri]
+        assert event.event == "prefect.asset.materialization.succeeded"
+        upstream = [r.id for r in event.related if r.role == "asset"]
+        assert upstream == ([manifest_items[(item, rnd - 1)]] if rnd else []), event.related
+        payload = event.payload
+        assert payload["task_id"] == uri.rsplit("/", 2)[-2]
+        assert payload["model"] == "nanobanana-pro" and Decimal(payload["cost"]) == Decimal("0.016")
+        assert payload["prompt"] and payload["round"] == str(rnd)
+
+    # What each run's artifacts say it paid: the rerun paid nothing.
+    table_rows = []
+    for run in (first_run, rerun):
+        arts = _run_artifacts(run)
+        [table] = [a for k, a in arts.items() if k.endswith("-cost")]
+        rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+        table_rows.append(rows)
+        assert table.key == f"eggapi-image-pipeline-{first.run_key}-cost"
+        [gallery] = [a for k, a in arts.items() if k.endswith("-gallery")]
+        assert gallery.data.count("data:image/webp;base64,") == 4
+        assert local_s3.secret_key not in gallery.data and emulator_api_key not in gallery.data
+        assert sum(a.type == "progress" for a in arts.values()) == 1
+        assert not any(a.type == "image" for a in arts.values())
+    first_total, rerun_total = table_rows[0][-1], table_rows[1][-1]
+    assert first_total["item"] == rerun_total["item"] == "total"
+    assert first_total["paid"] == "$0.0640" and rerun_total["paid"] == "$0.0000"
+    assert {row["paid"] for row in table_rows[1][:-1]} == {"$0.0000"}
+    assert len(table_rows[0][0]) <= 8  # narrow enough for a laptop screen
+
+    with get_client(sync_client=True) as client:
+        names = {client.read_flow_run(r).name for r in (first_run, rerun)}
+    assert names == {"pipeline · 2 prompts × 2 rounds · nanobanana-pro 1k"}
+
+
+def _images(summary: Any) -> list[tuple[int, int, str]]:
+    """(item, round, s3 URI) of every stored image, from the run's manifest."""
+    from prefect_eggapi.storage import S3Settings
+
+    store = OutputStore.from_settings(S3Settings.from_env())
+    key = summary.manifest_uri.split("/", 3)[3]
+    body = store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+    return [(i["item"], i["round"], i["s3_uri"]) for i in json.loads(body)["items"]]
+
+
+def test_artifact_keys_and_run_names_say_which_flow_or_deployment(monkeypatch):
+    from prefect_eggapi.artifacts import run_artifact_key
+    from prefect_eggapi.flows.pipeline import _artifact_scope, _flow_run_name
+
+    adhoc = asyncio.run(_artifact_scope())
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", str(uuid4()))
+    monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__NAME", "on-demand")
+    monkeypatch.setenv("PREFECT__RUNTIME__FLOW_RUN__FLOW_NAME", "eggapi-image-pipeline")
+    from prefect.runtime import flow_run
+
+    slot = datetime(2026, 12, 1, 3, 0, tzinfo=UTC)
+    monkeypatch.setitem(flow_run.FIELDS, "scheduled_start_time", lambda: slot)
+    deployed = asyncio.run(_artifact_scope())
+    assert adhoc == "eggapi-image-pipeline"
+    assert deployed == "eggapi-image-pipeline-on-demand"
+    keys = {run_artifact_key(s, "params-abc", "cost") for s in (adhoc, deployed)}
+    assert keys == {
+        "eggapi-image-pipeline-params-abc-cost",
+        "eggapi-image-pipeline-on-demand-params-abc-cost",
+    }
+    # A long key is shortened with a hash, never by cutting off what it is.
+    long_a = run_artifact_key("x" * 200, "a", "gallery")
+    long_b = run_artifact_key("x" * 200, "b", "gallery")
+    assert long_a.endswith("-gallery") and len(long_a) <= 120 and long_a != long_b
+    assert _flow_run_name().startswith("on-demand · slot 2026-12-01 03:00Z · 3 prompts × 3")

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from lineage import lineage_problems, sources_of
 from prefect_eggapi.errors import InvalidRequestError
 from prefect_eggapi.flows import PipelineError, PipelineSummary, image_pipeline
 from prefect_eggapi.imageinfo import sniff
@@ -312,3 +313,32 @@ def test_prompt_sources_are_pluggable():
     assert imported.prompts() == list(as_prompt_source(None, count=5).__class__().subjects)[:2]
     with pytest.raises(ValueError, match="prompt_source"):
         as_prompt_source("nonsense", count=1)
+
+
+# ------------------------------------------------------------------------------------- lineage
+
+
+@pytest.mark.parametrize("presigned", [False, True], ids=["output-urls", "presigned-inputs"])
+def test_each_edit_round_was_made_from_the_previous_rounds_stored_bytes(
+    pipeline_env, local_s3, s3_bucket, presigned
+):
+    """Proven from the PNGs, not from our records: round k's stored image names, in its
+    ``eggapi:sources`` tEXt chunk, the sha256 of round k-1's stored bytes."""
+    summary = _run(
+        count=2,
+        seed=17,
+        edit_instructions=EDITS,
+        use_presigned_inputs=presigned,
+        image_artifacts=False,
+    )
+    key = summary.manifest_uri.removeprefix(f"s3://{s3_bucket}/")
+    manifest = json.loads(_read(local_s3, s3_bucket, key)[0])
+    rounds: dict[int, dict[int, bytes]] = {}
+    for item in manifest["items"]:
+        data, _ = _read(local_s3, s3_bucket, item["key"])
+        rounds.setdefault(item["item"], {})[item["round"]] = data
+    assert sorted(rounds) == [0, 1] and all(sorted(r) == [0, 1, 2] for r in rounds.values())
+    assert all(sources_of(r[0]) == [] for r in rounds.values())  # generations have no source
+    assert lineage_problems(rounds) == []
+    # And not from any other item: the chains are distinct.
+    assert sources_of(rounds[0][1]) != sources_of(rounds[1][1])

@@ -307,3 +307,31 @@ def test_a_retry_attempt_never_adopts_the_task_an_earlier_attempt_was_delivered_
     assert second.task.id == tasks[-1]["task_id"]
     assert second.entry.attempt == 2
     assert tasks[-1]["webhook_url"].endswith(second.entry.nonces[-1])
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_block_or_environment_webhook_url_gives_every_submit_task_its_own_nonce(
+    scene: Scene, tmp_path: Path
+) -> None:
+    """``EGGAPI_WEBHOOK_URL`` (or ``webhook_url`` on the block): the Prefect submit tasks send it
+    with a fresh nonce per POST, so flows get exact attribution without touching requests."""
+    from prefect import flow
+
+    from prefect_eggapi.models import GenerateRequest
+    from prefect_eggapi.tasks import submit_generation
+
+    @flow
+    def two() -> None:
+        for prompt in ("a kite, block url 1", "a kite, block url 2"):
+            submit_generation(GenerateRequest(model="nanobanana", prompt=prompt), key=prompt)
+
+    with environ(
+        EGGAPI_API_KEY=scene.api_key,
+        EGGAPI_BASE_URL=scene.emulator.base_url,
+        EGGAPI_WEBHOOK_URL=scene.webhook_url,
+        EGGAPI_LEDGER_DIR=str(tmp_path / "ledger"),
+    ):
+        two()
+    urls = [t["webhook_url"] for t in scene.emulator.created_tasks(scene.api_key)]
+    assert len(urls) == 2 and len(set(urls)) == 2, urls
+    assert all(u.startswith(scene.webhook_url + "/s/") for u in urls), urls

@@ -5,6 +5,10 @@ Prefect (ephemeral API server unless ``PREFECT_API_URL`` is set), checks the sto
 (pixel size, sha256 metadata against the bytes), reruns it to show that a rerun pays nothing and
 writes nothing, prints the S3 URIs, the cost and how to see the run in the Prefect UI, then stops
 every process it started and checks that none is left.
+
+The images lived in a temporary S3 server, so before stopping it the demo copies them next to a
+local gallery page (``./eggapi-demo/gallery.html`` by default, ``--gallery-dir`` to choose,
+``--no-gallery`` to skip) and prints its path: something to look at after the demo is gone.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 import tempfile
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["configure_parser", "run", "ui_hint", "ui_url"]
 
 DEMO_BUCKET = "eggapi-demo"
+DEFAULT_GALLERY_DIR = Path("eggapi-demo")
 DEMO_EDITS = (
     "turn the scene to night with warm window lights",
     "add gently falling snow",
@@ -72,6 +78,16 @@ def configure_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="Edit from presigned URLs of the stored objects instead of EggAPI output URLs.",
     )
     parser.add_argument("--no-rerun", action="store_true", help="Skip the idempotent-rerun check.")
+    parser.add_argument(
+        "--gallery-dir",
+        type=Path,
+        default=DEFAULT_GALLERY_DIR,
+        help="Where to write gallery.html and a copy of every image, to look at after the demo "
+        "(default: ./eggapi-demo).",
+    )
+    parser.add_argument(
+        "--no-gallery", action="store_true", help="Do not write the local gallery page."
+    )
     parser.add_argument("--verbose", action="store_true", help="Show Prefect's task-level logs.")
     parser.set_defaults(func=run)
     return parser
@@ -133,6 +149,14 @@ def _object_count(stack: LocalStack) -> int:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket):
         count += len(page.get("Contents", []))
     return count
+
+
+def _write_gallery(stack: LocalStack, manifest: dict[str, Any], directory: Path) -> Path:
+    """The run's images copied next to a local HTML page, while the S3 server still runs."""
+    from prefect_eggapi.gallery import write_local_gallery
+
+    page = write_local_gallery(manifest, stack.output_store(), directory)
+    return page.resolve()
 
 
 def ui_url(api_url: str) -> str:
@@ -285,6 +309,9 @@ def run(args: argparse.Namespace) -> int:
         )
         if billed != summary.total_cost:
             raise DemoError(f"report total {summary.total_cost} != emulator billed {billed}")
+        if not args.no_gallery:
+            page = _write_gallery(stack, manifest, args.gallery_dir)
+            _say(f"Gallery (works after the demo stopped S3): {page}")
 
         if not args.no_rerun:
             objects_before = _object_count(stack)

@@ -8,8 +8,9 @@ variant is a real ``Task`` object, so ``.submit``, ``.map`` and ``.with_options`
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from decimal import Decimal
 from functools import partial
 from typing import Any
@@ -31,7 +32,7 @@ from prefect_eggapi.errors import (
     TaskFailedError,
     classify,
 )
-from prefect_eggapi.ledger import LedgerStore, default_ledger
+from prefect_eggapi.ledger import EntryState, LedgerEntry, LedgerStore, default_ledger
 from prefect_eggapi.models import GenerateRequest, Task, TaskStatus
 from prefect_eggapi.polling import PollPolicy
 from prefect_eggapi.pricing import format_cost
@@ -160,6 +161,15 @@ def _store(store: OutputStore | S3Settings | Any | None) -> OutputStore:
     )
 
 
+def _already(entry: LedgerEntry | None, task_id: str, states: Collection[EntryState]) -> bool:
+    """The ledger had ``task_id`` in one of ``states`` before this step: a replay, not news."""
+    return entry is not None and entry.task_id == task_id and entry.state in states
+
+
+#: Ledger states in which a task's completion was already recorded (and announced).
+COMPLETED_STATES = frozenset({EntryState.COMPLETED, EntryState.PERSISTED})
+
+
 # --------------------------------------------------------------------------- submit
 
 
@@ -180,6 +190,7 @@ def _submit(
     scope = run_scope()
     logical_key = key or f"{scope}/{label or ''}"
     creds = credentials or EggAPICredentials()
+    req = creds.with_webhook(req)  # webhooks on: the POST gets its own /s/<nonce> URL
     with creds.get_client() as client:
         submitter = Submitter(
             client, ledger or default_ledger(), lane_width=creds.submits_in_flight
@@ -323,6 +334,7 @@ class _WaitObserver:
         return bool(is_signalled and is_signalled(task_id))
 
     def finished(self, ledger: LedgerStore, task: Task) -> Task:
+        replay = _already(ledger.find_task(task.id), task.id, COMPLETED_STATES)
         record_outcome(ledger, task.id, task=task, polls=self.polls)
         self.logger.info(
             "EggAPI task %s completed: %d output(s), cost %s, %d poll(s)",
@@ -331,6 +343,11 @@ class _WaitObserver:
             task.cost or "?",
             self.polls,
         )
+        if replay:
+            # A rerun reconnecting to a task completed earlier: its event went out then, and an
+            # automation on eggapi.task.completed must not fire again for the same task.
+            self.logger.debug("EggAPI task %s was already completed: no event", task.id)
+            return task
         if self._receiver_announced(task.id):
             return task
         emit_task_event(
@@ -493,7 +510,10 @@ def _persist(
         publish_images(
             [(target.presign_get(s.key), f"{described} #{i}") for i, s in enumerate(stored)]
         )
-    emit_task_event("persisted", task.id, task=task, uris=[s.uri for s in stored])
+    # Once per real transition: a rerun that found every output stored, for a task the ledger
+    # already had as persisted, announces nothing (no automation fires twice).
+    if new or (entry is not None and not _already(entry, task.id, {EntryState.PERSISTED})):
+        emit_task_event("persisted", task.id, task=task, uris=[s.uri for s in stored])
     return stored
 
 
@@ -540,6 +560,87 @@ async def adownload_outputs(
     return await in_thread(
         partial(_persist, task, store, credentials, label, metadata, image_artifacts, ledger)
     )
+
+
+# --------------------------------------------------------------------------- assets
+
+_ASSET_PROMPT_CHARS = 300
+_log = logging.getLogger(__name__)
+
+
+def _asset_metadata(
+    image: StoredImage, task: Task, prompt: str, sources: Sequence[str], extra: Mapping[str, str]
+) -> dict[str, Any]:
+    return {
+        "prompt": prompt[:_ASSET_PROMPT_CHARS],
+        "model": task.model or "",
+        "task_id": task.id,
+        "cost": str(task.cost_amount),
+        "sha256": image.sha256,
+        "size": image.size,
+        "width": image.width,
+        "height": image.height,
+        "content_type": image.content_type,
+        "sources": list(sources),
+        **extra,
+    }
+
+
+def _image_asset(image: StoredImage, label: str, prompt: str) -> Any:
+    from prefect.assets import Asset, AssetProperties
+
+    return Asset(
+        key=image.uri,
+        properties=AssetProperties(
+            name=" · ".join(p for p in (label, image.key.rsplit("/", 2)[-2]) if p),
+            description=prompt[:_ASSET_PROMPT_CHARS] or None,
+        ),
+    )
+
+
+async def amaterialize_images(
+    stored: Sequence[StoredImage],
+    task: Task,
+    *,
+    sources: Sequence[str] = (),
+    prompt: str = "",
+    label: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> bool:
+    """Record the stored images of ``task`` as materialized Prefect assets (one task run).
+
+    Each image is an asset keyed by its ``s3://`` URI; ``sources`` (the ``s3://`` URIs of the
+    images an edit was made from) are its upstream assets, so Prefect shows the edit chain.
+    Prompt, model, task id and cost go in as materialization metadata. The asset keys are only
+    known once the outputs are stored (the extension comes from the bytes), so the materializing
+    task is built per call with :func:`prefect.assets.materialize`. Telemetry: never raises;
+    returns whether the materialization was recorded.
+    """
+    from prefect.assets import add_asset_metadata, materialize
+
+    extra = dict(metadata or {})
+    try:
+        assets = [_image_asset(s, label or "", prompt) for s in stored]
+        deps: list[Any] = list(dict.fromkeys(sources))
+
+        async def record() -> int:
+            for image in stored:
+                add_asset_metadata(image.uri, _asset_metadata(image, task, prompt, deps, extra))
+            return len(stored)
+
+        materializing = materialize(
+            *assets,
+            asset_deps=deps or None,
+            name="eggapi-image-asset",
+            task_run_name=" · ".join(p for p in ("asset", task.id, label or "") if p),
+            cache_policy=NO_CACHE,
+            persist_result=False,
+        )(record)
+        await materializing()
+    except Exception:
+        _log.debug("could not record assets of EggAPI task %s", task.id, exc_info=True)
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- all three

@@ -8,7 +8,8 @@
                  ...      round N edits round N-1's image
     → s3://{bucket}/{prefix}/{task_id}/{index}.png     (sha256, size, pixels, cost as metadata)
     → s3://{bucket}/{prefix}/manifests/{run_key}.json
-    → table + markdown artifacts; returns a PipelineSummary
+    → a Prefect asset per stored image (upstream: the image it edited)
+    → gallery (embedded thumbnails) + cost table artifacts; returns a PipelineSummary
 
 **Validation first.** Every parameter is validated by :class:`PipelineParams` (errors name the
 field), every request is built and validated, the budget is checked against the estimate, the API
@@ -35,6 +36,14 @@ a live task under ``{run_key}/item-{i}/round-{r}`` before submitting.
 **Bounded concurrency.** At most ``concurrency`` items are in flight (submitted and not yet
 persisted) at a time; every step is its own task run named after the EggAPI task id and
 ``item-{i}/round-{r}``.
+
+**What a run leaves to look at.** One gallery (items × rounds, each edit beside its source, with
+prompt, what this run paid, task id and S3 URI; thumbnails embedded so it renders for good, full
+size presigned links as extras; paged for big runs, see :mod:`prefect_eggapi.gallery`), one cost
+table with a total row, one progress bar for the run, and an asset per image that this run
+stored. Artifact keys start with the flow or deployment name, so ad-hoc runs (the demo) and
+deployment runs keep separate histories. A rerun that only reconnects shows $0.0000 paid and
+emits no ``eggapi.task.completed`` / ``persisted`` events and no new materializations.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from datetime import UTC
 from decimal import Decimal
 from functools import partial
 from typing import Any, Literal, Self
@@ -160,7 +170,7 @@ class PipelineParams(FlowParams):
     run_key: str | None = Field(None, description="Default: scheduled slot or parameter hash.")
     use_presigned_inputs: bool = False
     presign_expires_in: int = Field(3600, ge=60, le=MAX_PRESIGN_SECONDS)
-    image_artifacts: bool = True
+    image_artifacts: bool = Field(True, description="Publish the run's gallery artifact.")
 
     @field_validator("prompts", "templates", "subjects", "styles", "edit_instructions")
     @classmethod
@@ -367,6 +377,10 @@ class _Run:
         self.ledger = default_ledger(beside=store)
         self.semaphore = asyncio.Semaphore(params.concurrency)
         self.rows: list[Any] = []
+        self.thumbnails: dict[str, str] = {}  # S3 key -> data: URI
+        self.steps_total = len(prompts) * (params.rounds + 1)
+        self.steps_done = 0
+        self.progress: Any = None
 
     def request(self, prompt: str, image_url: str | None) -> GenerateRequest:
         p = self.params
@@ -409,6 +423,7 @@ class _Run:
         p = self.params
         records: list[ItemRecord] = []
         source_url: str | None = None
+        source_uri_s3: str | None = None
         for rnd in range(p.rounds + 1):
             prompt = base_prompt if rnd == 0 else p.edit_instructions[rnd - 1]
             label = f"item-{index}/round-{rnd}"
@@ -430,14 +445,20 @@ class _Run:
                         ledger=self.ledger,
                     )
                 done = await await_for_task(
-                    task, self.credentials, timeout=p.wait_timeout, label=label, ledger=self.ledger
+                    task,
+                    self.credentials,
+                    timeout=p.wait_timeout,
+                    label=label,
+                    progress=False,  # one progress bar for the run, not one per task
+                    ledger=self.ledger,
                 )
+                was_persisted = await in_thread(partial(self._persisted_before, done.id))
                 stored: list[StoredImage] = await adownload_outputs(
                     done,
                     self.store,
                     self.credentials,
                     label=label,
-                    image_artifacts=p.image_artifacts,
+                    image_artifacts=False,  # the run's gallery shows them, for good
                     ledger=self.ledger,
                     metadata={
                         "prompt": prompt[:_PROMPT_META_CHARS],
@@ -446,10 +467,21 @@ class _Run:
                         "pipeline-run-key": self.run_key,
                     },
                 )
-            self.rows.append(
-                result_of(request, done, stored, label=label, ledger=self.ledger).report_row()
-            )
+            row = result_of(request, done, stored, label=label, ledger=self.ledger).report_row()
+            row.paid = Decimal("0") if known is not None else row.cost
+            self.rows.append(row)
             first = stored[0]
+            if not was_persisted or any(s.created for s in stored):
+                await self._materialize(
+                    stored,
+                    done,
+                    source_uri=source_uri_s3,
+                    prompt=prompt,
+                    label=label,
+                    index=index,
+                    rnd=rnd,
+                )
+            await self._step_done(stored, index * (p.rounds + 1) + rnd)
             for s in stored:
                 records.append(
                     ItemRecord(
@@ -474,7 +506,148 @@ class _Run:
                 source_url = self.store.presign_get(first.key)
             else:
                 source_url = done.output_urls[0]
+            source_uri_s3 = first.uri
         return records
+
+    def _persisted_before(self, task_id: str) -> bool:
+        """The ledger already had this task's outputs stored (a rerun): not a materialization."""
+        from prefect_eggapi.ledger import EntryState
+
+        entry = self.ledger.find_task(task_id)
+        return (
+            entry is not None and entry.task_id == task_id and entry.state is EntryState.PERSISTED
+        )
+
+    async def _materialize(
+        self,
+        stored: list[StoredImage],
+        done: Task,
+        *,
+        source_uri: str | None,
+        prompt: str,
+        label: str,
+        index: int,
+        rnd: int,
+    ) -> None:
+        """Each stored image becomes an asset; an edit's upstream asset is the image it edited."""
+        from prefect_eggapi.tasks import amaterialize_images
+
+        await amaterialize_images(
+            stored,
+            done,
+            sources=[source_uri] if source_uri else [],
+            prompt=prompt,
+            label=label,
+            metadata={"item": str(index), "round": str(rnd), "run_key": self.run_key},
+        )
+
+    async def _step_done(self, stored: list[StoredImage], cell: int) -> None:
+        """Thumbnails from the stored bytes (for the gallery; none past the gallery's cap, which
+        counts cells in item, round order) and the run's progress bar."""
+        from prefect_eggapi.gallery import MAX_CELLS, thumbnail_of
+
+        if self.params.image_artifacts and cell < MAX_CELLS:
+            for s in stored:
+                thumb = await in_thread(partial(thumbnail_of, self.store, s.key))
+                if thumb is not None:
+                    self.thumbnails[s.key] = thumb.data_uri()
+        self.steps_done += 1
+        if self.progress is not None:
+            percent = 100.0 * self.steps_done / max(1, self.steps_total)
+            text = f"{self.steps_done} of {self.steps_total} generations stored"
+            await in_thread(partial(self.progress.update, percent, text))
+
+
+def _row_order(row: Any) -> tuple[int, ...]:
+    """item-2/round-1 before item-10/round-0: numbers, not text."""
+    return tuple(int(n) for n in re.findall(r"\d+", str(row.label))) or (0,)
+
+
+def _gallery_cells(run: _Run, records: Sequence[ItemRecord]) -> list[Any]:
+    from prefect_eggapi.gallery import GalleryCell
+
+    cells = []
+    for r in records:
+        cells.append(
+            GalleryCell(
+                item=r.item,
+                round=r.round,
+                prompt=r.prompt,
+                task_id=r.task_id,
+                s3_uri=r.s3_uri,
+                paid=Decimal("0") if r.reused else r.cost,
+                cost=r.cost,
+                reused=r.reused,
+                thumbnail=run.thumbnails.get(r.key),
+                link=run.store.presign_get(r.key),
+            )
+        )
+    return cells
+
+
+def _publish_gallery(
+    run: _Run, records: Sequence[ItemRecord], failed: list[str], *, key: str
+) -> None:
+    from prefect_eggapi.artifacts import publish_gallery
+
+    publish_gallery(
+        _gallery_cells(run, records),
+        key=key,
+        title=f"EggAPI pipeline {run.run_key}",
+        rounds=run.params.rounds + 1,
+        failed=failed,
+    )
+
+
+async def _artifact_scope() -> str:
+    """Which flow or deployment this run belongs to, for artifact keys: ad-hoc runs (the demo,
+    a script) and each deployment keep their own histories under the same run key."""
+    from prefect.runtime import deployment, flow_run
+
+    flow_name = str(flow_run.flow_name or "eggapi-image-pipeline")
+    name: str | None = None
+    deployment_id = deployment.id
+    if deployment_id:
+        # prefect.runtime's own override variable, honoured as prefect.runtime does; else one
+        # async read (prefect.runtime's sync getter would block this event loop on another).
+        name = os.environ.get("PREFECT__RUNTIME__DEPLOYMENT__NAME")
+        if not name:
+            try:
+                from prefect.client.orchestration import get_client
+
+                async with get_client() as client:
+                    name = (await client.read_deployment(deployment_id)).name
+            except Exception:
+                name = f"deployment-{str(deployment_id)[:8]}"
+    return f"{flow_name}-{name}" if name else flow_name
+
+
+def _flow_run_name() -> str:
+    """``3 prompts × 3 rounds · nanobanana-pro 1k`` (ad hoc) or ``on-demand · slot … · …``:
+    the run's name says what it is instead of Prefect's random one. Never raises."""
+    from prefect.runtime import deployment, flow_run
+
+    try:
+        params = flow_run.parameters or {}
+        prompts = params.get("prompts")
+        count = params.get("count") or (len(prompts) if prompts else 3)
+        edits = params.get("edit_instructions")
+        rounds = 1 + (len(DEFAULT_EDIT_INSTRUCTIONS) if edits is None else len(edits))
+        model = params.get("model") or "nanobanana-pro"
+        what = f"{count} prompts × {rounds} rounds · {model} {params.get('resolution') or '1k'}"
+        parts = ["pipeline"]
+        if deployment.id:
+            parts = [str(deployment.name or "deployment")]
+            slot = flow_run.scheduled_start_time
+            if slot is not None:
+                utc = slot.astimezone(UTC)
+                parts.append(f"slot {utc.strftime('%Y-%m-%d %H:%MZ')}")
+        parts.append(what)
+        if params.get("run_key"):
+            parts.append(f"key {params['run_key']}")
+        return " · ".join(parts)[:200]
+    except Exception:
+        return "eggapi-image-pipeline"
 
 
 def _validate_requests(params: PipelineParams, prompts: list[str]) -> Decimal:
@@ -527,7 +700,7 @@ async def run_pipeline(
     s3_bucket_block: str | None = None,
 ) -> PipelineSummary:
     """The pipeline's body (call it inside a flow run; :func:`image_pipeline` does)."""
-    from prefect_eggapi.artifacts import artifact_key, publish_report
+    from prefect_eggapi.artifacts import Progress, publish_report, run_artifact_key
 
     logger = run_logger()
     try:
@@ -560,7 +733,11 @@ async def run_pipeline(
         store.prefix,
     )
 
+    scope = await _artifact_scope()
     run = _Run(params, prompts, run_key, store, credentials)
+    run.progress = await in_thread(
+        partial(Progress, f"EggAPI pipeline {run_key}: generations stored")
+    )
     outcomes = await asyncio.gather(
         *(run.item(i, prompt) for i, prompt in enumerate(prompts)), return_exceptions=True
     )
@@ -594,11 +771,21 @@ async def run_pipeline(
     total = await in_thread(
         partial(
             publish_report,
-            sorted(run.rows, key=lambda r: r.label),
-            key=artifact_key("eggapi-pipeline", run_key),
+            sorted(run.rows, key=_row_order),
+            key=run_artifact_key(scope, run_key, "cost"),
             title=f"EggAPI pipeline {run_key}",
         )
     )
+    if params.image_artifacts:
+        await in_thread(
+            partial(
+                _publish_gallery,
+                run,
+                records,
+                failed,
+                key=run_artifact_key(scope, run_key, "gallery"),
+            )
+        )
     per_task = {r.task_id: r for r in records}
     summary = PipelineSummary(
         run_key=run_key,
@@ -635,6 +822,7 @@ async def run_pipeline(
     name="eggapi-image-pipeline",
     description="Prompts → EggAPI generation → edit rounds → S3, with a manifest per run.",
     validate_parameters=True,
+    flow_run_name=_flow_run_name,
 )
 async def image_pipeline(
     model: Literal["nanobanana", "nanobanana-pro"] = "nanobanana-pro",
@@ -682,7 +870,7 @@ async def image_pipeline(
             the parameters).
         use_presigned_inputs: edit from presigned URLs of the stored objects instead of EggAPI
             output URLs.
-        image_artifacts: publish an image artifact per output.
+        image_artifacts: publish the run's gallery (embedded thumbnails of every image).
         credentials_block: name of an ``EggAPICredentials`` block (default: environment).
         s3_bucket_block: name of a prefect-aws ``S3Bucket`` block (default: environment).
     """
