@@ -395,6 +395,23 @@ def test_expired_presigned_input_fails_the_task_unbilled(
     assert "X-Amz-Signature" not in error  # the signature is never echoed
     assert "/inputs/expiring.png" in error
 
+    # What the client makes of it: the service's failure, classified as the taxonomy says (an
+    # upstream failure: a fresh attempt may succeed — here with a freshly signed input).
+    from prefect_eggapi.client import EggAPIClient
+    from prefect_eggapi.errors import ErrorClass, TaskFailedError, classify, describe
+
+    with (
+        EggAPIClient(emulator_api_key, manual.base_url, rate_limit=None) as client,
+        pytest.raises(TaskFailedError) as failed,
+    ):
+        client.wait_for_task(task["id"], timeout=10)
+    assert classify(failed.value) is ErrorClass.RETRYABLE
+    assert failed.value.task.cost_amount == 0
+    assert "HTTP 403" in str(failed.value) and "AccessDenied" in describe(failed.value)["message"]
+    resigned = presign(local_s3, s3_bucket, "inputs/expiring.png", data)
+    again = run_manual(manual, post(emulator_client, image_urls=[resigned])["id"])
+    assert again["status"] == "completed", again
+
 
 def test_non_image_inputs_fail_the_task_unbilled(
     manual: EmulatorProcess,
