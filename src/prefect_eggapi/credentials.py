@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import TypeVar
 
 import httpx
 from prefect.blocks.core import Block
@@ -26,6 +27,7 @@ API_KEY_ENV = "EGGAPI_API_KEY"
 BASE_URL_ENV = "EGGAPI_BASE_URL"
 RATE_ENV = "EGGAPI_REQUESTS_PER_SECOND"
 WEBHOOK_URL_ENV = "EGGAPI_WEBHOOK_URL"
+ClientT = TypeVar("ClientT", EggAPIClient, AsyncEggAPIClient)
 
 _SHARED: Registry[tuple[str, str], tuple[RateLimiter, DurationStats]] = Registry(
     "rate buckets and learned durations by account"
@@ -171,10 +173,9 @@ class EggAPICredentials(Block):
     def _timeout(self) -> httpx.Timeout:
         return httpx.Timeout(self.timeout_seconds, connect=self.connect_timeout_seconds)
 
-    def get_client(self, poll: PollPolicy | None = None) -> EggAPIClient:
-        """A synchronous client; close it (or use ``with``) when done."""
+    def _build(self, cls: type[ClientT], poll: PollPolicy | None) -> ClientT:
         key, base_url, rate, durations = self._connection()
-        return EggAPIClient(
+        return cls(
             key,
             base_url,
             timeout=self._timeout,
@@ -184,15 +185,10 @@ class EggAPICredentials(Block):
             durations=durations,
         )
 
+    def get_client(self, poll: PollPolicy | None = None) -> EggAPIClient:
+        """A synchronous client; close it (or use ``with``) when done."""
+        return self._build(EggAPIClient, poll)
+
     def get_async_client(self, poll: PollPolicy | None = None) -> AsyncEggAPIClient:
         """An async client; create it inside the task that uses it (prefect#9412)."""
-        key, base_url, rate, durations = self._connection()
-        return AsyncEggAPIClient(
-            key,
-            base_url,
-            timeout=self._timeout,
-            retry=RetryPolicy(max_retries=self.max_retries),
-            poll=poll,
-            rate_limit=rate,
-            durations=durations,
-        )
+        return self._build(AsyncEggAPIClient, poll)

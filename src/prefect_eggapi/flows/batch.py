@@ -37,19 +37,18 @@ from functools import partial
 from typing import Any, Literal
 
 from prefect import flow
-from pydantic import BaseModel, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, Field, StrictInt, field_validator
 
 from prefect_eggapi.artifacts import Progress, artifact_key
 from prefect_eggapi.batch_input import BatchItem, BrokenLine, read_manifest
 from prefect_eggapi.errors import BudgetExceededError, InvalidRequestError, describe
-from prefect_eggapi.flows.pipeline import FlowParams, _credentials, _scheduled_slot
+from prefect_eggapi.flows.pipeline import FlowParams, _credentials, _scheduled_slot, s3_settings
 from prefect_eggapi.ledger import LedgerStore, default_ledger
 from prefect_eggapi.models import AspectRatio, Model, Resolution
 from prefect_eggapi.pricing import estimate_cost, format_cost
 from prefect_eggapi.runtime import flow_run_id, in_thread, run_logger
 from prefect_eggapi.storage import (
     OutputStore,
-    S3Settings,
     is_transient_s3_error,
     put_if,
     read_object,
@@ -435,21 +434,14 @@ def _write_status(
             return final
 
 
-async def run_batch(params: BatchParams, *, credentials_block: str | None = None) -> BatchSummary:
-    """The batch's body (call it inside a flow run; :func:`batch_generate` does)."""
-    from prefect_eggapi.artifacts import ReportRow, publish_report
+async def open_manifest(
+    params: BatchParams,
+) -> tuple[OutputStore, list[BatchItem], list[BrokenLine]]:
+    """The output store and the manifest's items and broken lines; refuses a manifest with no
+    valid line before anything is paid."""
     from prefect_eggapi.storage import build_s3_client
 
-    logger = run_logger()
-    overrides: dict[str, Any] = {}
-    if params.bucket:
-        overrides["bucket"] = params.bucket
-    if params.prefix is not None:
-        overrides["prefix"] = params.prefix
-    try:
-        settings = S3Settings.from_env(**overrides)
-    except (ValidationError, ValueError) as exc:
-        raise InvalidRequestError([("bucket", str(exc))], what="S3 settings") from None
+    settings = s3_settings(params.bucket, params.prefix)
     store = OutputStore.from_settings(settings)
     s3 = build_s3_client(settings) if params.manifest.startswith("s3://") else None
     items, broken = await in_thread(
@@ -463,6 +455,15 @@ async def run_batch(params: BatchParams, *, credentials_block: str | None = None
     )
     if not items:
         raise InvalidRequestError([("manifest", f"no valid lines ({len(broken)} broken)")])
+    return store, items, broken
+
+
+async def run_batch(params: BatchParams, *, credentials_block: str | None = None) -> BatchSummary:
+    """The batch's body (call it inside a flow run; :func:`batch_generate` does)."""
+    from prefect_eggapi.artifacts import ReportRow, publish_report
+
+    logger = run_logger()
+    store, items, broken = await open_manifest(params)
     # The key names the whole manifest, never the range: every range run and the unsharded run
     # of one manifest share its items' keys (ledger entries, status objects, outputs).
     run_key = params.run_key or await _scheduled_slot() or _batch_key(params, items)

@@ -79,6 +79,7 @@ from prefect_eggapi.runtime import in_thread, run_logger
 from prefect_eggapi.storage import (
     MAX_PRESIGN_SECONDS,
     OutputStore,
+    S3Settings,
     StoredImage,
     validate_bucket_name,
     validate_prefix,
@@ -293,27 +294,33 @@ async def _credentials(block_name: str | None) -> Any:
     return creds
 
 
+def s3_settings(bucket: str | None, prefix: str | None, **extra: Any) -> S3Settings:
+    """S3 settings from a flow's ``bucket``/``prefix`` parameters over the environment; bad or
+    missing values raise :class:`InvalidRequestError` naming the field (every flow, one way)."""
+    overrides: dict[str, Any] = dict(extra)
+    if bucket:
+        overrides["bucket"] = bucket
+    if prefix is not None:
+        overrides["prefix"] = prefix
+    try:
+        return S3Settings.from_env(**overrides)
+    except ValidationError as exc:
+        raise InvalidRequestError(problems_from(exc), what="S3 settings") from None
+    except ValueError as exc:
+        raise InvalidRequestError([("bucket", str(exc).removeprefix("bucket: "))]) from None
+
+
 def _store(params: PipelineParams, block: Any) -> OutputStore:
     from botocore.exceptions import BotoCoreError, ClientError
-
-    from prefect_eggapi.storage import S3Settings
 
     if block is not None:
         store = OutputStore.from_prefect_aws(
             block, prefix=params.prefix, presign_expires_in=params.presign_expires_in
         )
     else:
-        overrides: dict[str, Any] = {"presign_expires_in": params.presign_expires_in}
-        if params.bucket:
-            overrides["bucket"] = params.bucket
-        if params.prefix is not None:
-            overrides["prefix"] = params.prefix
-        try:
-            settings = S3Settings.from_env(**overrides)
-        except ValidationError as exc:
-            raise InvalidRequestError(problems_from(exc), what="S3 settings") from None
-        except ValueError as exc:
-            raise InvalidRequestError([("bucket", str(exc).removeprefix("bucket: "))]) from None
+        settings = s3_settings(
+            params.bucket, params.prefix, presign_expires_in=params.presign_expires_in
+        )
         store = OutputStore.from_settings(settings)
     try:
         store.client.head_bucket(Bucket=store.bucket)

@@ -27,7 +27,6 @@ import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from functools import partial
-from typing import Any
 
 from prefect import flow
 from pydantic import BaseModel, Field
@@ -46,7 +45,7 @@ from prefect_eggapi.flows.batch import (
     load_item_status,
     record_item_status,
 )
-from prefect_eggapi.flows.pipeline import _credentials
+from prefect_eggapi.flows.pipeline import _credentials, s3_settings
 from prefect_eggapi.ledger import (
     EntryState,
     LedgerEntry,
@@ -56,7 +55,7 @@ from prefect_eggapi.ledger import (
 )
 from prefect_eggapi.models import Task, TaskStatus
 from prefect_eggapi.runtime import flow_run_id, in_thread, run_logger
-from prefect_eggapi.storage import OutputStore, S3Settings, StoredImage, put_if, read_object
+from prefect_eggapi.storage import OutputStore, StoredImage, put_if, read_object
 from prefect_eggapi.submission import Submitter, record_outcome
 
 PENDING_STATES = {EntryState.ABANDONED, EntryState.SUBMITTED, EntryState.COMPLETED}
@@ -246,12 +245,7 @@ async def recover_outputs(
         min_age_seconds: leave entries younger than this to the runs that own them.
     """
     logger = run_logger()
-    overrides: dict[str, Any] = {}
-    if bucket:
-        overrides["bucket"] = bucket
-    if prefix is not None:
-        overrides["prefix"] = prefix
-    store = OutputStore.from_settings(S3Settings.from_env(**overrides))
+    store = OutputStore.from_settings(s3_settings(bucket, prefix))
     creds = await _credentials(credentials_block)
     ledger = default_ledger(beside=store)
     summary = RecoverySummary()

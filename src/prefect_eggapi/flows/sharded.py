@@ -42,9 +42,9 @@ from typing import Any, Literal
 from uuid import UUID
 
 from prefect import flow
-from pydantic import BaseModel, Field, StrictInt, ValidationError
+from pydantic import BaseModel, Field, StrictInt
 
-from prefect_eggapi.batch_input import BatchItem, BrokenLine, read_manifest
+from prefect_eggapi.batch_input import BatchItem, BrokenLine
 from prefect_eggapi.errors import InvalidRequestError
 from prefect_eggapi.flows.batch import (
     BatchError,
@@ -54,11 +54,12 @@ from prefect_eggapi.flows.batch import (
     _batch_key,
     _status_lines,
     in_range,
+    open_manifest,
 )
 from prefect_eggapi.flows.pipeline import FlowParams, _scheduled_slot
 from prefect_eggapi.pricing import format_cost
 from prefect_eggapi.runtime import flow_run_id, in_thread, run_logger
-from prefect_eggapi.storage import OutputStore, S3Settings, put_if, read_object
+from prefect_eggapi.storage import OutputStore, put_if, read_object
 
 DEFAULT_SHARD_DEPLOYMENT = "eggapi-batch/batch-shard"
 FINAL = ("persisted", "failed", "skipped")
@@ -364,33 +365,11 @@ async def run_sharded(
 ) -> ShardedSummary:
     """The parent's body (call it inside a flow run; :func:`sharded_batch_generate` does)."""
     from prefect_eggapi.artifacts import ReportRow, artifact_key, publish_report
-    from prefect_eggapi.storage import build_s3_client
 
     logger = run_logger()
     if params.lines is not None:
         raise InvalidRequestError([("lines", "shards choose their own line ranges")])
-    overrides: dict[str, Any] = {}
-    if params.bucket:
-        overrides["bucket"] = params.bucket
-    if params.prefix is not None:
-        overrides["prefix"] = params.prefix
-    try:
-        settings = S3Settings.from_env(**overrides)
-    except (ValidationError, ValueError) as exc:
-        raise InvalidRequestError([("bucket", str(exc))], what="S3 settings") from None
-    store = OutputStore.from_settings(settings)
-    s3 = build_s3_client(settings) if params.manifest.startswith("s3://") else None
-    items, broken = await in_thread(
-        partial(
-            read_manifest,
-            params.manifest,
-            defaults=params.defaults(),
-            fmt=params.manifest_format,
-            s3=s3,
-        )
-    )
-    if not items:
-        raise InvalidRequestError([("manifest", f"no valid lines ({len(broken)} broken)")])
+    store, items, broken = await open_manifest(params)
     run_key = params.run_key or await _scheduled_slot() or _batch_key(params, items)
     base = "/".join(p for p in (store.prefix, "batches", run_key) if p)
     shards = [
