@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from prefect_procs import stop
+
 PREFERRED_MAJOR = "15"
 DATABASE = "prefect"
 
@@ -114,22 +116,6 @@ def _chown_tree(path: Path) -> None:
     for dirpath, dirnames, filenames in os.walk(path):
         for name in dirnames + filenames:
             os.chown(os.path.join(dirpath, name), user.pw_uid, user.pw_gid)
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    """Fast shutdown by the postmaster's PID (SIGINT), then SIGKILL of its process group (the
-    backends are its children in the session it leads)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -244,7 +230,8 @@ def pg_cluster(database: str = DATABASE, startup_timeout: float = 60.0) -> Itera
         yield cluster
     finally:
         if proc is not None:
-            _stop(proc)
+            # Fast shutdown (SIGINT to the postmaster), then its backends' group.
+            stop(proc, 20.0, first=signal.SIGINT, leader_only=True)
         if log_file is not None:
             log_file.close()
         shutil.rmtree(root, ignore_errors=True)

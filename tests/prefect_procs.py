@@ -31,11 +31,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """SIGTERM the process group this test started (by its leader's PID), then SIGKILL."""
+def stop(
+    proc: subprocess.Popen[bytes],
+    timeout: float = 15.0,
+    *,
+    first: signal.Signals = signal.SIGTERM,
+    leader_only: bool = False,
+) -> None:
+    """``first`` to the process group this test started (to its leader alone with
+    ``leader_only``, e.g. a postmaster's fast shutdown), then SIGKILL of the whole group."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+            if leader_only:
+                os.kill(proc.pid, first)
+            else:
+                os.killpg(proc.pid, first)
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -434,6 +434,27 @@ def _write_status(
             return final
 
 
+async def publish_problems(
+    results: list[ItemResult], broken: list[BrokenLine], *, key: str, what: str
+) -> None:
+    """The table of every line that did not end persisted (failed, skipped, broken)."""
+    from prefect_eggapi.artifacts import ReportRow, publish_report
+
+    problems = [
+        ReportRow(
+            label=r.id or f"line {r.line}",
+            task_id=r.task_id,
+            status=r.status,
+            error=(r.error or {}).get("message", ""),
+        )
+        for r in results
+        if r.status != "persisted"
+    ] + [ReportRow(label=f"line {b.line}", status="broken", error=b.reason) for b in broken]
+    await in_thread(
+        partial(publish_report, problems, key=key, title=f"EggAPI {what}: items not persisted")
+    )
+
+
 async def open_manifest(
     params: BatchParams,
 ) -> tuple[OutputStore, list[BatchItem], list[BrokenLine]]:
@@ -460,7 +481,6 @@ async def open_manifest(
 
 async def run_batch(params: BatchParams, *, credentials_block: str | None = None) -> BatchSummary:
     """The batch's body (call it inside a flow run; :func:`batch_generate` does)."""
-    from prefect_eggapi.artifacts import ReportRow, publish_report
 
     logger = run_logger()
     store, items, broken = await open_manifest(params)
@@ -543,23 +563,8 @@ async def run_batch(params: BatchParams, *, credentials_block: str | None = None
         batch_cost=total,
         lines=params.lines,
     )
-    problems = [
-        ReportRow(
-            label=r.id or f"line {r.line}",
-            task_id=r.task_id,
-            status=r.status,
-            error=(r.error or {}).get("message", ""),
-        )
-        for r in results
-        if r.status != "persisted"
-    ] + [ReportRow(label=f"line {b.line}", status="broken", error=b.reason) for b in broken]
-    await in_thread(
-        partial(
-            publish_report,
-            problems,
-            key=artifact_key("eggapi-batch-problems", label),
-            title=f"EggAPI batch {label}: items not persisted",
-        )
+    await publish_problems(
+        results, broken, key=artifact_key("eggapi-batch-problems", label), what=f"batch {label}"
     )
     logger.info(
         "Batch %s: %d persisted (%d resumed, %d by another run), %d failed, %d skipped, "

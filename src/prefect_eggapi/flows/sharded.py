@@ -55,6 +55,7 @@ from prefect_eggapi.flows.batch import (
     _status_lines,
     in_range,
     open_manifest,
+    publish_problems,
 )
 from prefect_eggapi.flows.pipeline import FlowParams, _scheduled_slot
 from prefect_eggapi.pricing import format_cost
@@ -364,7 +365,7 @@ async def run_sharded(
     params: BatchParams, plan: ShardPlan, *, credentials_block: str | None = None
 ) -> ShardedSummary:
     """The parent's body (call it inside a flow run; :func:`sharded_batch_generate` does)."""
-    from prefect_eggapi.artifacts import ReportRow, artifact_key, publish_report
+    from prefect_eggapi.artifacts import artifact_key
 
     logger = run_logger()
     if params.lines is not None:
@@ -439,23 +440,11 @@ async def run_sharded(
             ContentType="application/json",
         )
     )
-    problems = [
-        ReportRow(
-            label=r.id or f"line {r.line}",
-            task_id=r.task_id,
-            status=r.status,
-            error=(r.error or {}).get("message", ""),
-        )
-        for r in results
-        if r.status != "persisted"
-    ] + [ReportRow(label=f"line {b.line}", status="broken", error=b.reason) for b in broken]
-    await in_thread(
-        partial(
-            publish_report,
-            problems,
-            key=artifact_key("eggapi-sharded-problems", run_key),
-            title=f"EggAPI sharded batch {run_key}: items not persisted",
-        )
+    await publish_problems(
+        results,
+        broken,
+        key=artifact_key("eggapi-sharded-problems", run_key),
+        what=f"sharded batch {run_key}",
     )
     logger.info(
         "Sharded batch %s: %d persisted (%d by earlier runs), %d failed (%d with no status), "
