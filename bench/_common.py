@@ -211,7 +211,7 @@ def kill_group(pid: int, timeout: float = 10.0) -> None:
 @contextlib.contextmanager
 def local_stack(**options: Any) -> Iterator[Any]:
     """A LocalStack (emulator + SeaweedFS + bucket) on loopback; stopped by PID on exit."""
-    from prefect_eggapi.stack import LocalStack
+    from prefect_eggapi.testing.stack import LocalStack
 
     options.setdefault("bucket", "eggapi-bench")
     options.setdefault("balance", "100000")
@@ -225,7 +225,7 @@ def local_stack(**options: Any) -> Iterator[Any]:
 
 def key_requests(audit: Mapping[str, Any], api_key: str) -> dict[str, int]:
     """Request counts per endpoint of one key (downloads carry no key: ``anonymous``)."""
-    from prefect_eggapi.emulator.config import key_id
+    from prefect_eggapi.testing.emulator.config import key_id
 
     counts = dict(audit["requests"].get(key_id(api_key), {}))
     counts["download"] = audit["requests"].get("anonymous", {}).get("download", 0)

@@ -50,8 +50,8 @@ def measure(
     log_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     from prefect_eggapi.credentials import EggAPICredentials
-    from prefect_eggapi.receiver import EggAPIReconciler, WebhookReceiver
-    from prefect_eggapi.signals import SQLiteSignals
+    from prefect_eggapi.webhooks.receiver import EggAPIReconciler, WebhookReceiver
+    from prefect_eggapi.webhooks.signals import SQLiteSignals
 
     rows = []
     for seconds in processing:

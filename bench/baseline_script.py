@@ -75,7 +75,7 @@ class Learned:
 
 @dataclass
 class Schedule:
-    """Same numbers as prefect_eggapi.polling.PollPolicy() (or its backstop)."""
+    """Same numbers as prefect_eggapi.client.polling.PollPolicy() (or its backstop)."""
 
     learned: Learned
     initial: float = 1.0

@@ -59,8 +59,8 @@ def run(items: int, concurrency: int, webhook_items: int) -> dict[str, Any]:
 
     from prefect.testing.utilities import prefect_test_harness
 
-    from prefect_eggapi.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
-    from prefect_eggapi.local_s3 import LocalS3
+    from prefect_eggapi.testing.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
+    from prefect_eggapi.testing.local_s3 import LocalS3
     from reliability_common import environ, run_chaos
 
     config = EmulatorConfig(
@@ -117,8 +117,8 @@ def run_workers(items: int, n_workers: int, concurrency: int) -> dict[str, Any]:
 
     from multiworker_common import Batch, JitterProxy, Stack, judge, wait_until, workers
     from prefect_eggapi.credentials import EggAPICredentials
-    from prefect_eggapi.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
-    from prefect_eggapi.local_s3 import LocalS3
+    from prefect_eggapi.testing.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
+    from prefect_eggapi.testing.local_s3 import LocalS3
     from reliability_common import (
         CLIENT_TIMEOUT,
         MODERATION_WORD,

@@ -45,7 +45,7 @@ def child(mode: str, base_url: str, urls: list[str]) -> None:
 
 def main() -> None:
     from prefect_eggapi.client import EggAPIClient
-    from prefect_eggapi.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
+    from prefect_eggapi.testing.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
 
     config = EmulatorConfig(
         api_keys={KEY: ApiKeyConfig(balance=Decimal(10))},

@@ -91,9 +91,9 @@ def _instrument() -> None:
 def _tasks_flow() -> Any:
     from prefect import flow
 
-    from prefect_eggapi.models import GenerateRequest
-    from prefect_eggapi.signals import SQLiteSignals
+    from prefect_eggapi.client.types import GenerateRequest
     from prefect_eggapi.tasks import adownload_outputs, asubmit_generation, await_for_task
+    from prefect_eggapi.webhooks.signals import SQLiteSignals
 
     @flow(name="eggapi-bench-tasks")
     async def bench_tasks(

@@ -100,7 +100,7 @@ def child(task_ids: list[str], warmup_id: str) -> None:
 def measure(counts: list[int], variants: list[str]) -> dict[str, list[dict[str, Any]]]:
     """Peak-RSS figures per variant and count (each count in a fresh child process)."""
     from prefect_eggapi.client import EggAPIClient
-    from prefect_eggapi.stack import LocalStack
+    from prefect_eggapi.testing.stack import LocalStack
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ["EGGAPI_LEDGER_DIR"] = tempfile.mkdtemp(prefix="eggapi-bench-ledger-")

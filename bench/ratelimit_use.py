@@ -37,7 +37,7 @@ def measure(
     api_url: str | None = None,
     log_dir: Path | None = None,
 ) -> dict[str, Any]:
-    from prefect_eggapi.emulator.config import key_id
+    from prefect_eggapi.testing.emulator.config import key_id
 
     with local_stack(
         pending_seconds=0.5, processing_seconds=3.0, rate_limit_per_second=limit

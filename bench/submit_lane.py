@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import local_stack
 
 from prefect_eggapi.client import EggAPIClient
-from prefect_eggapi.ledger import LedgerStore, S3Ledger, SQLiteLedger
-from prefect_eggapi.models import GenerateRequest
+from prefect_eggapi.client.types import GenerateRequest
+from prefect_eggapi.safety.ledger import LedgerStore, S3Ledger, SQLiteLedger
+from prefect_eggapi.safety.submitter import Submitter
 from prefect_eggapi.storage import build_s3_client
-from prefect_eggapi.submission import Submitter
 
 
 def _rate(n: int, threads: int, one: Callable[[int], object]) -> float:

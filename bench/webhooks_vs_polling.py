@@ -23,12 +23,12 @@ from pathlib import Path
 from _common import serve_asgi
 
 from prefect_eggapi.client import EggAPIClient
+from prefect_eggapi.client.polling import PollPolicy
 from prefect_eggapi.credentials import EggAPICredentials
-from prefect_eggapi.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
-from prefect_eggapi.emulator.config import key_id
-from prefect_eggapi.polling import PollPolicy
-from prefect_eggapi.receiver import EggAPIReconciler, WebhookReceiver
-from prefect_eggapi.signals import SQLiteSignals
+from prefect_eggapi.testing.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
+from prefect_eggapi.testing.emulator.config import key_id
+from prefect_eggapi.webhooks.receiver import EggAPIReconciler, WebhookReceiver
+from prefect_eggapi.webhooks.signals import SQLiteSignals
 
 POLL_KEY = "egg_sk_bench_polling_000001"
 HOOK_KEY = "egg_sk_bench_webhook_000001"

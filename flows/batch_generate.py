@@ -15,7 +15,7 @@ again: finished items are skipped, submitted ones are reconnected, nothing is pa
     python flows/batch_generate.py prompts.jsonl           # another shell, after the exports
 
 Many workers: ``EGGAPI_LEDGER_URI=s3://bucket/ledger`` (a ledger all workers share) and a Prefect
-global rate limit (``prefect_eggapi.global_limit.ensure_global_rate_limit``) passed as
+global rate limit (``prefect_eggapi.tasks.global_limit.ensure_global_rate_limit``) passed as
 ``global_rate_limit``. One manifest over many workers: ``flows/sharded_batch.py`` runs line
 ranges of it (``lines="start:stop"``) as flow runs of the ``eggapi-batch/batch-shard`` deployment.
 """

@@ -28,8 +28,8 @@ CHAINING_FILE = Path(__file__).resolve().parent.parent / "deployments" / "chaini
 @flow(name="eggapi-follow-up", log_prints=False)
 def follow_up(task_id: str, event_id: str | None = None) -> dict[str, Any]:
     """Re-read the finished EggAPI task and report it (replace with your own next step)."""
-    from prefect_eggapi.artifacts import artifact_key
     from prefect_eggapi.credentials import EggAPICredentials
+    from prefect_eggapi.tasks.artifacts import artifact_key
 
     logger = get_run_logger()
     with EggAPICredentials().get_client() as client:

@@ -20,7 +20,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from prefect_eggapi.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
+from prefect_eggapi.testing.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
 
 EMULATOR_API_KEY = "egg_sk_test_emulator_key_0001"
 EMULATOR_OTHER_API_KEY = "egg_sk_test_emulator_key_0002"

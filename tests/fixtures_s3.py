@@ -2,7 +2,7 @@
 
 - ``local_s3`` (session): one server for the whole session, stopped by PID at the end.
 - ``s3_bucket`` (function): a fresh, uniquely named bucket.
-- ``output_store`` (function): an :class:`~prefect_eggapi.storage.OutputStore` on that bucket.
+- ``output_store`` (function): an :class:`~prefect_eggapi.storage.store.OutputStore` on that bucket.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from prefect_eggapi.local_s3 import LocalS3
 from prefect_eggapi.storage import OutputStore
+from prefect_eggapi.testing.local_s3 import LocalS3
 
 
 @pytest.fixture(scope="session")

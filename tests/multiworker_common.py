@@ -465,7 +465,7 @@ def judge(
     foreign = set(foreign_prompts)
     emulator.clear_faults()  # downloads below must see the real bytes
     created = [t for t in wait_tasks_terminal(emulator)]
-    from prefect_eggapi.emulator.config import key_id
+    from prefect_eggapi.testing.emulator.config import key_id
 
     mine = [t for t in created if t["key_id"] == key_id(api_key)]
     prompt_to_item = {p: i for i, p in items.items()}

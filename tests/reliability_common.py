@@ -563,12 +563,12 @@ def _webhook_leg(
     from prefect import flow
     from pydantic import SecretStr
 
+    from prefect_eggapi.client.polling import PollPolicy
+    from prefect_eggapi.client.types import GenerateRequest
     from prefect_eggapi.credentials import EggAPICredentials
-    from prefect_eggapi.models import GenerateRequest
-    from prefect_eggapi.polling import PollPolicy
-    from prefect_eggapi.receiver import EggAPIReconciler, WebhookReceiver
-    from prefect_eggapi.signals import SQLiteSignals
     from prefect_eggapi.tasks import download_outputs, submit_generation, wait_for_task
+    from prefect_eggapi.webhooks.receiver import EggAPIReconciler, WebhookReceiver
+    from prefect_eggapi.webhooks.signals import SQLiteSignals
 
     creds = EggAPICredentials(
         api_key=SecretStr(api_key),
@@ -604,10 +604,12 @@ def _webhook_leg(
             req = GenerateRequest(
                 model="nanobanana", prompt=f"chaos webhook item {i}", webhook_url=url
             )
-            futures.append(submit_generation.submit(req, creds, key=f"chaos-wh/{i}"))
+            futures.append(submit_generation.submit(req, credentials=creds, key=f"chaos-wh/{i}"))
         for fut in futures:
-            done = wait_for_task(fut.result(), creds, timeout=60, poll=poll, signals=signals)
-            stored = download_outputs(done, store, creds, image_artifacts=False)
+            done = wait_for_task(
+                fut.result(), credentials=creds, timeout=60, poll=poll, signals=signals
+            )
+            stored = download_outputs(done, store, credentials=creds, image_artifacts=False)
             uris += [s.uri for s in stored]
         return uris
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from prefect_eggapi.errors import TaskAbandonedError
+from prefect_eggapi.client.errors import TaskAbandonedError
+from prefect_eggapi.client.types import GenerateRequest
 from prefect_eggapi.flows import batch_generate, recover_outputs
 from prefect_eggapi.flows.batch import BatchError
-from prefect_eggapi.ledger import EntryState, SQLiteLedger
-from prefect_eggapi.models import GenerateRequest
+from prefect_eggapi.safety.ledger import EntryState, SQLiteLedger
 from prefect_eggapi.tasks import submit_generation, wait_for_task
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
@@ -281,7 +281,7 @@ def test_line_ranges_share_the_whole_manifests_keys(batch_env, local_s3, s3_buck
 
 @pytest.mark.parametrize("bad", ["5:3", "0:4", "3", "a:b", "4:4"])
 def test_a_bad_line_range_is_refused_before_anything_is_paid(batch_env, tmp_path, bad):
-    from prefect_eggapi.errors import InvalidRequestError
+    from prefect_eggapi.client.errors import InvalidRequestError
 
     path = manifest(tmp_path, 3)
     with pytest.raises(InvalidRequestError, match="lines"):
@@ -290,8 +290,8 @@ def test_a_bad_line_range_is_refused_before_anything_is_paid(batch_env, tmp_path
 
 
 def test_shard_ranges_cover_every_line_once():
-    from prefect_eggapi.batch_input import BatchItem
     from prefect_eggapi.flows.batch import in_range
+    from prefect_eggapi.flows.manifests import BatchItem
     from prefect_eggapi.flows.sharded import plan_ranges
 
     # Items on lines 2..30 except a few gaps (blank or broken lines), 4 shards.

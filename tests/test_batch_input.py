@@ -7,9 +7,9 @@ import tracemalloc
 
 import pytest
 
-from prefect_eggapi import batch_input
-from prefect_eggapi.batch_input import MAX_LINE_BYTES, read_manifest
-from prefect_eggapi.errors import InvalidRequestError
+from prefect_eggapi.client.errors import InvalidRequestError
+from prefect_eggapi.flows import manifests as batch_input
+from prefect_eggapi.flows.manifests import MAX_LINE_BYTES, read_manifest
 
 DEFAULTS = {"model": "nanobanana", "aspect_ratio": "16:9"}
 

@@ -12,17 +12,17 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from prefect_eggapi import board as board_module
-from prefect_eggapi.board import PollBoard
 from prefect_eggapi.client import AsyncEggAPIClient, EggAPIClient
-from prefect_eggapi.emulator import EmulatorProcess
-from prefect_eggapi.models import Task, TaskPage, TaskStatus
-from prefect_eggapi.polling import PollPolicy
+from prefect_eggapi.client import board as board_module
+from prefect_eggapi.client.board import PollBoard
+from prefect_eggapi.client.polling import PollPolicy
+from prefect_eggapi.client.types import EggAPITask, TaskPage, TaskStatus
+from prefect_eggapi.testing.emulator import EmulatorProcess
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 
-def task(i: int, status: str = "processing", *, urls: bool = True) -> Task:
+def task(i: int, status: str = "processing", *, urls: bool = True) -> EggAPITask:
     data: dict[str, object] = {
         "id": f"gen_{i:012d}",
         "status": status,
@@ -30,13 +30,13 @@ def task(i: int, status: str = "processing", *, urls: bool = True) -> Task:
     }
     if status == "completed" and urls:
         data["output"] = {"url": f"http://x/{i}.png", "urls": [f"http://x/{i}.png"]}
-    return Task.model_validate(data)
+    return EggAPITask.model_validate(data)
 
 
 class FakeLister:
     """An account's task list, newest first, in pages; counts what the board asks for."""
 
-    def __init__(self, tasks: list[Task]) -> None:
+    def __init__(self, tasks: list[EggAPITask]) -> None:
         self.tasks = sorted(tasks, key=lambda t: t.created_at or T0, reverse=True)
         self.pages: list[int] = []
         self.fail: Exception | None = None
@@ -129,13 +129,13 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
 
 def poll_all(
     board: PollBoard, clock: FakeClock, ids: list[str], delay: float = 0.05
-) -> list[Task | None]:
+) -> list[EggAPITask | None]:
     """Poll every id at once from its own thread (as concurrent waits do).
 
     The clock stands still until every poll is on the board, so they all fall due together; it
     then moves halfway (nothing may be served yet) and on to when they are due.
     """
-    out: dict[str, Task | None] = {}
+    out: dict[str, EggAPITask | None] = {}
     threads = [
         threading.Thread(target=lambda i=i: out.__setitem__(i, board.poll(i, delay, delay)))
         for i in ids
@@ -256,8 +256,10 @@ def test_two_waits_on_one_task_are_both_counted() -> None:
 
 
 def test_failed_items_without_their_error_are_read_with_get(clock: FakeClock) -> None:
-    bare = Task(id="gen_000000000001", status=TaskStatus.FAILED, created_at=T0)
-    told = Task(id="gen_000000000002", status=TaskStatus.FAILED, error="moderation", created_at=T0)
+    bare = EggAPITask(id="gen_000000000001", status=TaskStatus.FAILED, created_at=T0)
+    told = EggAPITask(
+        id="gen_000000000002", status=TaskStatus.FAILED, error="moderation", created_at=T0
+    )
     lister = FakeLister([bare, told])
     board = clock.watch(PollBoard(lambda: lister))
     for t in (bare, told):
@@ -332,11 +334,11 @@ def test_polls_are_served_within_their_slack_not_before(clock: FakeClock) -> Non
 SHORT_POLLS = PollPolicy(initial_interval=0.3, max_interval=0.6, learn=False)
 
 
-def _sync_waits(emulator: EmulatorProcess, key: str, n: int) -> list[Task]:
+def _sync_waits(emulator: EmulatorProcess, key: str, n: int) -> list[EggAPITask]:
     """n tasks, each waited for in its own thread through one client."""
     with EggAPIClient(key, emulator.base_url, poll=SHORT_POLLS) as client:
         submitted = [client.generate(model="nanobanana", prompt=f"board {i}") for i in range(n)]
-        done: list[Task] = []
+        done: list[EggAPITask] = []
         threads = [
             threading.Thread(target=lambda t=t: done.append(client.wait_for_task(t, timeout=30)))
             for t in submitted
@@ -348,10 +350,10 @@ def _sync_waits(emulator: EmulatorProcess, key: str, n: int) -> list[Task]:
     return done
 
 
-def _async_waits(emulator: EmulatorProcess, key: str, n: int) -> list[Task]:
+def _async_waits(emulator: EmulatorProcess, key: str, n: int) -> list[EggAPITask]:
     """n tasks, waited for with asyncio.gather on one async client."""
 
-    async def run() -> list[Task]:
+    async def run() -> list[EggAPITask]:
         async with AsyncEggAPIClient(key, emulator.base_url, poll=SHORT_POLLS) as client:
             tasks = [await client.generate(model="nanobanana", prompt=f"a{i}") for i in range(n)]
             return await asyncio.gather(*(client.wait_for_task(t, timeout=30) for t in tasks))
@@ -364,7 +366,7 @@ def _async_waits(emulator: EmulatorProcess, key: str, n: int) -> list[Task]:
 def test_concurrent_waits_share_list_pages_against_the_emulator(
     emulator: EmulatorProcess,
     emulator_api_key: str,
-    waits: Callable[[EmulatorProcess, str, int], list[Task]],
+    waits: Callable[[EmulatorProcess, str, int], list[EggAPITask]],
 ) -> None:
     emulator.set_config(pending_seconds=0.2, processing_seconds=1.5)
     n = 6

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from prefect_eggapi.emulator import EmulatorProcess
+from prefect_eggapi.testing.emulator import EmulatorProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "whsec_chaining_test_secret"
@@ -60,11 +60,11 @@ def test_follow_up_flow_runs_on_the_webhook_event(
     from prefect.settings import PREFECT_API_URL
 
     sys.path.insert(0, str(ROOT / "tests"))
+    from prefect_eggapi.cli.receiver import emit_webhook_event
     from prefect_eggapi.client import EggAPIClient
     from prefect_eggapi.credentials import EggAPICredentials
-    from prefect_eggapi.receiver import EggAPIReconciler, WebhookReceiver
-    from prefect_eggapi.receiver_cli import emit_webhook_event
-    from prefect_eggapi.signals import SQLiteSignals
+    from prefect_eggapi.webhooks.receiver import EggAPIReconciler, WebhookReceiver
+    from prefect_eggapi.webhooks.signals import SQLiteSignals
     from test_receiver import serve_asgi
 
     api_url = PREFECT_API_URL.value()

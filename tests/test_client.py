@@ -26,14 +26,14 @@ import respx
 from PIL import Image
 from pydantic import SecretStr
 
-import prefect_eggapi.client as client_mod
+import prefect_eggapi.client._client as client_mod
 from prefect_eggapi.client import (
     AsyncEggAPIClient,
     DownloadResult,
     EggAPIClient,
     RetryPolicy,
 )
-from prefect_eggapi.errors import (
+from prefect_eggapi.client.errors import (
     AmbiguousSubmitError,
     APIConnectionError,
     APIStatusError,
@@ -60,10 +60,10 @@ from prefect_eggapi.errors import (
     describe,
     is_retryable,
 )
-from prefect_eggapi.models import GenerateRequest, Task, TaskStatus
-from prefect_eggapi.polling import PollPolicy
-from prefect_eggapi.pricing import parse_cost
-from prefect_eggapi.ratelimit import RateLimiter
+from prefect_eggapi.client.polling import PollPolicy
+from prefect_eggapi.client.pricing import parse_cost
+from prefect_eggapi.client.ratelimit import RateLimiter
+from prefect_eggapi.client.types import EggAPITask, GenerateRequest, TaskStatus
 
 API = "https://api.test"
 CDN = "https://cdn.test"
@@ -178,11 +178,11 @@ class Api:
             return method
         return lambda *a, **kw: asyncio.run(method(*a, **kw))
 
-    def tasks(self, **kw: Any) -> list[Task]:
+    def tasks(self, **kw: Any) -> list[EggAPITask]:
         if self.mode == "sync":
             return list(self.client.iter_tasks(**kw))
 
-        async def collect() -> list[Task]:
+        async def collect() -> list[EggAPITask]:
             return [t async for t in self.client.iter_tasks(**kw)]
 
         return asyncio.run(collect())
@@ -915,7 +915,7 @@ def test_wait_accepts_the_task_from_generate(api: Api, mock: respx.MockRouter) -
 
 def test_wait_on_an_already_terminal_task_makes_no_call(api: Api, mock: respx.MockRouter) -> None:
     route = mock.get(f"/v1/tasks/{TASK_ID}").mock(side_effect=sequence(ok(task_json())))
-    done = Task.model_validate(task_json("completed"))
+    done = EggAPITask.model_validate(task_json("completed"))
     assert api.wait_for_task(done) is done
     assert route.call_count == 0
 
@@ -1421,11 +1421,11 @@ def test_failed_download_to_path_leaves_no_file(
 # --------------------------------------------------------------------------- task age for polling
 
 
-def _aged(seconds: float, *, whole: bool) -> Task:
+def _aged(seconds: float, *, whole: bool) -> EggAPITask:
     created = datetime.now(UTC) - timedelta(seconds=seconds)
     if whole:  # the emulator (and G3 examples) stamp whole seconds
         created = created.replace(microsecond=0)
-    return Task(id="gen_age000000001", status=TaskStatus.PENDING, created_at=created)
+    return EggAPITask(id="gen_age000000001", status=TaskStatus.PENDING, created_at=created)
 
 
 def test_a_just_created_task_is_aged_by_our_clock_not_its_truncated_timestamp() -> None:

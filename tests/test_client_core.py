@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from prefect_eggapi.client import EggAPIClient, RetryPolicy, _Send, _Sleep
-from prefect_eggapi.errors import AmbiguousSubmitError, APIValidationError
-from prefect_eggapi.models import GenerateRequest
+from prefect_eggapi.client._client import EggAPIClient, RetryPolicy, _Send, _Sleep
+from prefect_eggapi.client.errors import AmbiguousSubmitError, APIValidationError
+from prefect_eggapi.client.types import GenerateRequest
 
 REQ = GenerateRequest(model="nanobanana", prompt="a quiet harbour")
 TASK = {

@@ -11,8 +11,8 @@ import pytest
 from prefect.blocks.core import Block
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 
+from prefect_eggapi.client.errors import InvalidRequestError
 from prefect_eggapi.credentials import EggAPICredentials
-from prefect_eggapi.errors import InvalidRequestError
 
 
 class TestEggAPICredentialsStandard(BlockStandardTestSuite):

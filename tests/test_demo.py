@@ -14,7 +14,7 @@ import pytest
 
 from browser import IMAGES_JS, Browser, chromium_path
 from lineage import lineage_problems
-from prefect_eggapi.demo import ui_hint, ui_url
+from prefect_eggapi.testing.demo import ui_hint, ui_url
 from procs import gone
 
 BIN = Path(sys.executable).parent

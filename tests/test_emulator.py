@@ -24,14 +24,14 @@ import httpx
 import pytest
 from PIL import Image
 
-from prefect_eggapi.emulator import (
+from prefect_eggapi.cli.emulator import build_config, configure_parser
+from prefect_eggapi.cli.emulator import main as cli_main
+from prefect_eggapi.testing.emulator import (
     ApiKeyConfig,
     EmulatorConfig,
     EmulatorProcess,
     create_app,
 )
-from prefect_eggapi.emulator.cli import build_config, configure_parser
-from prefect_eggapi.emulator.cli import main as cli_main
 
 pytestmark = pytest.mark.integration
 
@@ -602,7 +602,7 @@ def test_emulator_is_independent_of_prefect_and_the_client() -> None:
     """The emulator tests the client, so it must not share its code (nor import Prefect)."""
     import ast
 
-    import prefect_eggapi.emulator as package
+    import prefect_eggapi.testing.emulator as package
 
     allowed = {"fastapi", "starlette", "uvicorn", "PIL", "pydantic", "httpx", "prefect_eggapi"}
     for path in Path(package.__file__).parent.glob("*.py"):
@@ -616,8 +616,8 @@ def test_emulator_is_independent_of_prefect_and_the_client() -> None:
                 top = name.split(".")[0]
                 assert top in allowed or top in sys.stdlib_module_names, (path.name, name)
                 if top == "prefect_eggapi":
-                    assert name.startswith("prefect_eggapi.emulator"), (path.name, name)
-    code = "import sys, prefect_eggapi.emulator.cli; print('prefect' in sys.modules)"
+                    assert name.startswith("prefect_eggapi.testing.emulator"), (path.name, name)
+    code = "import sys, prefect_eggapi.cli.emulator; print('prefect' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
@@ -911,7 +911,7 @@ def test_cli_parser_builds_config() -> None:
 def test_python_m_emulator_serves_and_prints_env() -> None:
     key = "egg_sk_cli_secret_9876"
     process = subprocess.Popen(
-        [sys.executable, "-m", "prefect_eggapi.emulator", "--port", "0", "--api-key", key],
+        [sys.executable, "-m", "prefect_eggapi.testing.emulator", "--port", "0", "--api-key", key],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -949,7 +949,7 @@ def _healthy(base_url: str) -> bool:
 def test_cli_webhook_options_read_the_secret_from_the_environment(monkeypatch):
     import argparse
 
-    from prefect_eggapi.emulator.cli import add_arguments, build_config
+    from prefect_eggapi.cli.emulator import add_arguments, build_config
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

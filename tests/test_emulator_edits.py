@@ -26,11 +26,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from prefect_eggapi.emulator import EmulatorConfig, EmulatorProcess, FaultRule
-from prefect_eggapi.emulator.cli import add_arguments, build_config
-from prefect_eggapi.emulator.config import rate_rule
-from prefect_eggapi.emulator.images import RenderSpec, prepare_sources, render_png
-from prefect_eggapi.local_s3 import LocalS3
+from prefect_eggapi.cli.emulator import add_arguments, build_config
+from prefect_eggapi.testing.emulator import EmulatorConfig, EmulatorProcess, FaultRule
+from prefect_eggapi.testing.emulator.config import rate_rule
+from prefect_eggapi.testing.emulator.images import RenderSpec, prepare_sources, render_png
+from prefect_eggapi.testing.local_s3 import LocalS3
 
 pytestmark = pytest.mark.integration
 
@@ -398,7 +398,7 @@ def test_expired_presigned_input_fails_the_task_unbilled(
     # What the client makes of it: the service's failure, classified as the taxonomy says (an
     # upstream failure: a fresh attempt may succeed — here with a freshly signed input).
     from prefect_eggapi.client import EggAPIClient
-    from prefect_eggapi.errors import ErrorClass, TaskFailedError, classify, describe
+    from prefect_eggapi.client.errors import ErrorClass, TaskFailedError, classify, describe
 
     with (
         EggAPIClient(emulator_api_key, manual.base_url, rate_limit=None) as client,

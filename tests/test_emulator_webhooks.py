@@ -24,8 +24,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from asgi_server import free_port, serve_asgi
-from prefect_eggapi.emulator import EmulatorProcess
-from prefect_eggapi.emulator.webhooks import host_allowed
+from prefect_eggapi.testing.emulator import EmulatorProcess
+from prefect_eggapi.testing.emulator.webhooks import host_allowed
 
 SECRET = "whsec_emulator_test_secret"
 

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from lineage import png_text
-from prefect_eggapi.gallery import (
+from prefect_eggapi.tasks.gallery import (
     MAX_CELLS,
     PAGE_CELLS,
     THUMB_MAX_BYTES,

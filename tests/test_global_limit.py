@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from prefect_eggapi.client.ratelimit import CombinedLimiter
 from prefect_eggapi.credentials import EggAPICredentials
-from prefect_eggapi.global_limit import GlobalRateLimiter, ensure_global_rate_limit
-from prefect_eggapi.ratelimit import CombinedLimiter
+from prefect_eggapi.tasks.global_limit import GlobalRateLimiter, ensure_global_rate_limit
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 

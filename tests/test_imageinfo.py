@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from prefect_eggapi.imageinfo import (
+from prefect_eggapi.client.imageinfo import (
     MAX_HEADER_BYTES,
     ImageInfo,
     ImageSniffer,

@@ -11,16 +11,16 @@ from decimal import Decimal
 import pytest
 
 from prefect_eggapi.client import EggAPIClient
-from prefect_eggapi.errors import BudgetExceededError, ReconciliationError
-from prefect_eggapi.ledger import (
+from prefect_eggapi.client.errors import BudgetExceededError, ReconciliationError
+from prefect_eggapi.client.types import GenerateRequest
+from prefect_eggapi.safety.ledger import (
     EntryState,
     LedgerEntry,
     S3Ledger,
     SQLiteLedger,
     ledger_key,
 )
-from prefect_eggapi.models import GenerateRequest
-from prefect_eggapi.submission import Lane, Submitter
+from prefect_eggapi.safety.submitter import Lane, Submitter
 
 pytestmark = pytest.mark.integration
 
@@ -187,7 +187,7 @@ def two_workers(request, tmp_path, local_s3, s3_bucket):
 
 
 def test_two_new_entries_for_one_key_cannot_both_be_written(two_workers):
-    from prefect_eggapi.ledger import LedgerConflictError
+    from prefect_eggapi.safety.ledger import LedgerConflictError
 
     a, b = two_workers
     assert a.get("k1") is None and b.get("k1") is None
@@ -197,7 +197,7 @@ def test_two_new_entries_for_one_key_cannot_both_be_written(two_workers):
 
 
 def test_a_stale_copy_can_never_overwrite_a_newer_entry(two_workers):
-    from prefect_eggapi.ledger import LedgerConflictError
+    from prefect_eggapi.safety.ledger import LedgerConflictError
 
     a, b = two_workers
     a.put(_bare_entry())
@@ -259,7 +259,7 @@ def test_a_lane_left_by_a_dead_owner_is_free_at_once(two_workers):
 
 
 def test_default_ledger_from_s3_uri(local_s3, s3_bucket, monkeypatch, client, emulator):
-    from prefect_eggapi.ledger import default_ledger
+    from prefect_eggapi.safety.ledger import default_ledger
 
     for name, value in local_s3.env().items():
         monkeypatch.setenv(name, value)
@@ -333,7 +333,7 @@ def test_a_burst_of_lost_answers_is_attributed_one_by_one(store, client, emulato
     POST of the lane in flight at a time, every lost answer has exactly one candidate; a POST
     proven to have created nothing must not stand as an unresolved neighbour of the next ones
     (bench/chaos.py --items 60 failed 6 items this way: each failure poisoned the next)."""
-    from prefect_eggapi.errors import EggAPIError, ErrorClass
+    from prefect_eggapi.client.errors import EggAPIError, ErrorClass
 
     emulator.add_fault("error_before_create", status=503, times=2, skip=1)
     emulator.add_fault("error_after_create", status=502, times=2, skip=2)

@@ -14,7 +14,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from prefect_eggapi.local_s3 import INSTALL_HINT, LocalS3, LocalS3Error, find_weed_binary
+from prefect_eggapi.testing.local_s3 import INSTALL_HINT, LocalS3, LocalS3Error, find_weed_binary
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from prefect_eggapi.batch_input import MAX_LINE_BYTES
 from prefect_eggapi.flows import batch_generate
 from prefect_eggapi.flows.batch import BatchError
+from prefect_eggapi.flows.manifests import MAX_LINE_BYTES
 from reliability_common import read_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]

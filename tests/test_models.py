@@ -16,10 +16,10 @@ import respx
 from pydantic import ValidationError
 
 from prefect_eggapi.client import EggAPIClient
-from prefect_eggapi.errors import InvalidRequestError
-from prefect_eggapi.models import (
+from prefect_eggapi.client.errors import InvalidRequestError
+from prefect_eggapi.client.types import (
+    EggAPITask,
     GenerateRequest,
-    Task,
     TaskPage,
     TaskStatus,
     UsagePage,
@@ -354,7 +354,7 @@ G2_FAILED = {
 
 @pytest.mark.parametrize("body", [G1_PENDING, G3_PENDING], ids=["g1-nulls", "g3-missing"])
 def test_pending_task_parses_in_both_styles(body: dict[str, Any]) -> None:
-    task = Task.model_validate(body)
+    task = EggAPITask.model_validate(body)
     assert task.status is TaskStatus.PENDING
     assert not task.is_terminal
     assert task.output is None and task.error is None
@@ -366,7 +366,7 @@ def test_pending_task_parses_in_both_styles(body: dict[str, Any]) -> None:
 
 
 def test_completed_task_parses_outputs_cost_and_durations() -> None:
-    task = Task.model_validate(G3_COMPLETED)
+    task = EggAPITask.model_validate(G3_COMPLETED)
     assert task.status is TaskStatus.COMPLETED and task.is_terminal
     assert task.output_urls == ["https://file.eggapi.ai/images/gen_abc123def456/0.png"]
     assert task.cost_amount == Decimal("0.01")
@@ -375,7 +375,7 @@ def test_completed_task_parses_outputs_cost_and_durations() -> None:
 
 
 def test_g2_timestamps_with_offset_and_microseconds() -> None:
-    task = Task.model_validate(G2_FAILED)
+    task = EggAPITask.model_validate(G2_FAILED)
     assert task.created_at is not None
     assert task.created_at.utcoffset() == timedelta(hours=8)
     assert task.created_at.microsecond == 879577
@@ -388,30 +388,30 @@ def test_g2_timestamps_with_offset_and_microseconds() -> None:
 
 @pytest.mark.parametrize("status", ["cancelled", "timeout", "PENDING", ""])
 def test_unknown_status_parses_as_unknown_and_is_not_terminal(status: str) -> None:
-    task = Task.model_validate({**G3_PENDING, "status": status})
+    task = EggAPITask.model_validate({**G3_PENDING, "status": status})
     assert task.status is TaskStatus.UNKNOWN
     assert not task.is_terminal
 
 
 def test_output_with_only_url_or_only_urls() -> None:
-    only_url = Task.model_validate({**G3_COMPLETED, "output": {"url": "https://cdn/a.png"}})
+    only_url = EggAPITask.model_validate({**G3_COMPLETED, "output": {"url": "https://cdn/a.png"}})
     assert only_url.output_urls == ["https://cdn/a.png"]
     many = ["https://f/0.png", "https://f/1.png"]
-    only_urls = Task.model_validate({**G3_COMPLETED, "output": {"urls": many}})
+    only_urls = EggAPITask.model_validate({**G3_COMPLETED, "output": {"urls": many}})
     assert only_urls.output_urls == many
-    empty = Task.model_validate({**G3_COMPLETED, "output": {"url": None, "urls": []}})
+    empty = EggAPITask.model_validate({**G3_COMPLETED, "output": {"url": None, "urls": []}})
     assert empty.output_urls == []
 
 
 def test_unknown_keys_are_kept_for_forward_compatibility() -> None:
-    task = Task.model_validate({**G3_COMPLETED, "usage": {"units": 1}, "provider": "x"})
+    task = EggAPITask.model_validate({**G3_COMPLETED, "usage": {"units": 1}, "provider": "x"})
     assert task.model_extra == {"usage": {"units": 1}, "provider": "x"}
 
 
 @pytest.mark.parametrize("missing", ["id", "status"])
 def test_task_without_id_or_status_is_rejected(missing: str) -> None:
     with pytest.raises(ValidationError):
-        Task.model_validate({k: v for k, v in G3_PENDING.items() if k != missing})
+        EggAPITask.model_validate({k: v for k, v in G3_PENDING.items() if k != missing})
 
 
 def test_task_page_and_usage_parse() -> None:
@@ -465,7 +465,7 @@ def test_g2_webhook_payload_parses() -> None:
 
 
 def test_task_round_trips_through_json() -> None:
-    task = Task.model_validate(G2_FAILED)
-    again = Task.model_validate_json(task.model_dump_json())
+    task = EggAPITask.model_validate(G2_FAILED)
+    again = EggAPITask.model_validate_json(task.model_dump_json())
     assert again == task
     assert httpx.Response(200, json={"data": G2_FAILED}).json()["data"]["id"] == task.id

@@ -25,12 +25,12 @@ from prefect.client.schemas.filters import (
 from prefect.context import get_run_context
 from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 
-from prefect_eggapi.artifacts import publish_report
-from prefect_eggapi.errors import ContentModerationError
+from prefect_eggapi.client.errors import ContentModerationError
+from prefect_eggapi.client.types import GenerateRequest
 from prefect_eggapi.flows import image_pipeline
-from prefect_eggapi.models import GenerateRequest
 from prefect_eggapi.storage import OutputStore
 from prefect_eggapi.tasks import generate_image
+from prefect_eggapi.tasks.artifacts import publish_report
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
 
@@ -295,8 +295,8 @@ def _images(summary: Any) -> list[tuple[int, int, str]]:
 
 
 def test_artifact_keys_and_run_names_say_which_flow_or_deployment(monkeypatch):
-    from prefect_eggapi.artifacts import run_artifact_key
     from prefect_eggapi.flows.pipeline import _artifact_scope, _flow_run_name
+    from prefect_eggapi.tasks.artifacts import run_artifact_key
 
     adhoc = asyncio.run(_artifact_scope())
     monkeypatch.setenv("PREFECT__RUNTIME__DEPLOYMENT__ID", str(uuid4()))

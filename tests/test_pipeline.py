@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from lineage import lineage_problems, sources_of
-from prefect_eggapi.errors import InvalidRequestError
+from prefect_eggapi.client.errors import InvalidRequestError
+from prefect_eggapi.client.imageinfo import sniff
 from prefect_eggapi.flows import PipelineError, PipelineSummary, image_pipeline
-from prefect_eggapi.imageinfo import sniff
-from prefect_eggapi.prompts import (
+from prefect_eggapi.flows.prompts import (
     CallablePrompts,
     ListPrompts,
     PromptSource,
@@ -309,7 +309,7 @@ def test_prompt_sources_are_pluggable():
 
     mine = Mine()
     assert as_prompt_source(mine, count=1) is mine
-    imported = as_prompt_source("prefect_eggapi.prompts:DEFAULT_SUBJECTS", count=2)
+    imported = as_prompt_source("prefect_eggapi.flows.prompts:DEFAULT_SUBJECTS", count=2)
     assert imported.prompts() == list(as_prompt_source(None, count=5).__class__().subjects)[:2]
     with pytest.raises(ValueError, match="prompt_source"):
         as_prompt_source("nonsense", count=1)

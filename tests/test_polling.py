@@ -8,16 +8,16 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from prefect_eggapi import ratelimit
-from prefect_eggapi.models import Task, TaskStatus
-from prefect_eggapi.polling import DurationStats, PollPolicy, PollSchedule
-from prefect_eggapi.ratelimit import RateLimiter
+from prefect_eggapi.client import ratelimit
+from prefect_eggapi.client.polling import DurationStats, PollPolicy, PollSchedule
+from prefect_eggapi.client.ratelimit import RateLimiter
+from prefect_eggapi.client.types import EggAPITask, TaskStatus
 
 T0 = datetime(2026, 5, 8, 10, 30, tzinfo=UTC)
 
 
-def finished(queue: float, processing: float, status: str = "completed") -> Task:
-    return Task.model_validate(
+def finished(queue: float, processing: float, status: str = "completed") -> EggAPITask:
+    return EggAPITask.model_validate(
         {
             "id": "gen_x",
             "status": status,
@@ -44,7 +44,7 @@ def test_duration_stats_learn_from_completed_tasks_only() -> None:
 
 def test_duration_stats_ignore_missing_and_negative_durations() -> None:
     stats = DurationStats()
-    stats.observe(Task.model_validate({"id": "a", "status": "completed"}))
+    stats.observe(EggAPITask.model_validate({"id": "a", "status": "completed"}))
     assert stats.queue is None and stats.processing is None
     stats.observe(finished(-5, 8))  # clock skew: started before created
     assert stats.queue is None

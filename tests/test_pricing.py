@@ -6,14 +6,14 @@ from decimal import Decimal
 
 import pytest
 
-from prefect_eggapi.models import GenerateRequest
-from prefect_eggapi.pricing import (
+from prefect_eggapi.client.pricing import (
     PRICES,
     estimate_cost,
     format_cost,
     parse_cost,
     unit_price,
 )
+from prefect_eggapi.client.types import GenerateRequest
 
 
 @pytest.mark.parametrize(

@@ -28,11 +28,11 @@ from pydantic import SecretStr
 
 from asgi_server import free_port, serve_asgi
 from prefect_eggapi.client import EggAPIClient
-from prefect_eggapi.emulator import EmulatorProcess
-from prefect_eggapi.models import Task, TaskStatus, WebhookPayload
-from prefect_eggapi.polling import PollPolicy
-from prefect_eggapi.receiver import EggAPIReconciler, WebhookReceiver
-from prefect_eggapi.signals import SQLiteSignals
+from prefect_eggapi.client.polling import PollPolicy
+from prefect_eggapi.client.types import EggAPITask, TaskStatus, WebhookPayload
+from prefect_eggapi.testing.emulator import EmulatorProcess
+from prefect_eggapi.webhooks.receiver import EggAPIReconciler, WebhookReceiver
+from prefect_eggapi.webhooks.signals import SQLiteSignals
 
 SECRET = "whsec_receiver_test_secret"
 OLD_SECRET = "whsec_receiver_previous_secret"
@@ -75,13 +75,13 @@ class FakeProcessor:
         self.block.set()
         self.done = threading.Semaphore(0)
 
-    def __call__(self, p: WebhookPayload) -> Task | None:
+    def __call__(self, p: WebhookPayload) -> EggAPITask | None:
         self.block.wait(10)
         self.calls.append(p)
         self.done.release()
         if not self.confirm:
             return None
-        return Task(id=p.task_id, status=p.status)
+        return EggAPITask(id=p.task_id, status=p.status)
 
     def wait_calls(self, count: int) -> None:
         for _ in range(count):
@@ -208,8 +208,8 @@ def test_a_signed_delivery_to_a_nonce_path_is_attributed_once_and_unsigned_never
 ) -> None:
     """``{path}/s/<nonce>``: signed and confirmed -> nonce -> task in the delivery log; a second
     task on the same nonce is refused (first wins); malformed nonces are 404; unsigned: nothing."""
-    from prefect_eggapi.ledger import SQLiteLedger
-    from prefect_eggapi.webhooks import new_nonce
+    from prefect_eggapi.safety.ledger import SQLiteLedger
+    from prefect_eggapi.webhooks.verify import new_nonce
 
     log = SQLiteLedger(tmp_path / "ledger.sqlite3")
     nonce, other = new_nonce(), new_nonce()
@@ -277,7 +277,7 @@ def test_signal_files_of_an_older_version_gain_the_task_column(tmp_path: Path) -
     signals = SQLiteSignals(path)
     assert signals.has("gen_old000000001", "completed")
     assert signals.confirmed("gen_old000000001") is None  # no task recorded: the wait GETs
-    task = Task(id="gen_new000000001", status=TaskStatus.COMPLETED)
+    task = EggAPITask(id="gen_new000000001", status=TaskStatus.COMPLETED)
     assert signals.signal(task.id, "completed", task=task)
     assert signals.confirmed(task.id) == task
     SQLiteSignals(path)  # opening it again is fine
@@ -362,12 +362,12 @@ def test_attacks_are_rejected_with_4xx_and_a_log_line_without_secrets(
 ) -> None:
     rec, url = receiver
     body, headers = make()
-    with caplog.at_level(logging.WARNING, logger="prefect_eggapi.receiver"):
+    with caplog.at_level(logging.WARNING, logger="prefect_eggapi.webhooks.receiver"):
         response = httpx.post(url, content=body, headers=headers)
     assert response.status_code == status
     assert response.json()["error"] == reason
     assert rec.stats[f"rejected:{reason}"] == 1
-    lines = [r.getMessage() for r in caplog.records if r.name == "prefect_eggapi.receiver"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "prefect_eggapi.webhooks.receiver"]
     assert any(reason in line for line in lines)
     for line in lines:
         assert SECRET not in line and OLD_SECRET not in line
@@ -459,7 +459,7 @@ def test_webhook_wakes_the_wait_long_before_the_next_poll(
     rec, url = live_receiver
     task = api.generate(model="nanobanana", prompt="a fox", webhook_url=url)
     signals = SQLiteSignals(rec.signals.path if rec.signals else None)
-    result: list[Task] = []
+    result: list[EggAPITask] = []
     waiter = threading.Thread(
         target=lambda: result.append(
             api.wait_for_task(task, timeout=60, poll=SLOW_POLL, signals=signals)
@@ -549,7 +549,7 @@ def test_cross_process_receiver_cli_wakes_waits_here(
             [
                 sys.executable,
                 "-m",
-                "prefect_eggapi.cli",
+                "prefect_eggapi.cli.main",
                 "webhooks",
                 "--port",
                 str(port),
@@ -581,7 +581,7 @@ def test_cross_process_receiver_cli_wakes_waits_here(
             model="nanobanana", prompt="a fox", webhook_url=f"{base}/eggapi/webhook"
         )
         signals = SQLiteSignals(signals_path)
-        result: list[Task] = []
+        result: list[EggAPITask] = []
         waiter = threading.Thread(
             target=lambda: result.append(
                 api.wait_for_task(task, timeout=60, poll=SLOW_POLL, signals=signals)
@@ -617,7 +617,7 @@ def test_signals_wake_async_waits_from_another_process(tmp_path: Path) -> None:
             [
                 sys.executable,
                 "-c",
-                "import time, sys; from prefect_eggapi.signals import SQLiteSignals; "
+                "import time, sys; from prefect_eggapi.webhooks.signals import SQLiteSignals; "
                 "time.sleep(0.3); SQLiteSignals(sys.argv[1]).signal('gen_x', 'completed')",
                 str(path),
             ]
@@ -638,7 +638,7 @@ def test_signals_wake_async_waits_from_another_process(tmp_path: Path) -> None:
 def test_wrong_content_type_is_rejected_before_anything_else(content_type):
     from starlette.testclient import TestClient
 
-    from prefect_eggapi.receiver import WebhookReceiver
+    from prefect_eggapi.webhooks.receiver import WebhookReceiver
 
     seen: list[object] = []
     receiver = WebhookReceiver([SecretStr("whsec_ct_test")], processor=seen.append)

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from prefect_eggapi.models import Task, TaskStatus
-from prefect_eggapi.reconcile import classify
+from prefect_eggapi.client.types import EggAPITask, TaskStatus
+from prefect_eggapi.safety.reconcile import classify
 
 T0 = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
 WINDOW = (T0, T0 + timedelta(seconds=5))
 
 
-def task(name: str, seconds: float) -> Task:
-    return Task(id=name, status=TaskStatus.PENDING, created_at=T0 + timedelta(seconds=seconds))
+def task(name: str, seconds: float) -> EggAPITask:
+    return EggAPITask(
+        id=name, status=TaskStatus.PENDING, created_at=T0 + timedelta(seconds=seconds)
+    )
 
 
-def ids(tasks: list[Task]) -> list[str]:
+def ids(tasks: list[EggAPITask]) -> list[str]:
     return [t.id for t in tasks]
 
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from prefect_eggapi.client.registry import Registry, registries, reset_process_state
 from prefect_eggapi.credentials import EggAPICredentials
-from prefect_eggapi.registry import Registry, registries, reset_process_state
 
 
 def test_every_shared_singleton_is_in_a_registry_that_reset_empties() -> None:
-    import prefect_eggapi.board
-    import prefect_eggapi.ledger
-    import prefect_eggapi.signals
-    import prefect_eggapi.storage
-    import prefect_eggapi.submission  # noqa: F401 - their registries are made at import
+    # their registries are made at import
+    import prefect_eggapi.client.board
+    import prefect_eggapi.safety.ledger
+    import prefect_eggapi.safety.submitter
+    import prefect_eggapi.storage.store
+    import prefect_eggapi.webhooks.signals  # noqa: F401
 
     names = {r.name for r in registries()}
     for wanted in (

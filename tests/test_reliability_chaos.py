@@ -20,12 +20,12 @@ import threading
 import pytest
 
 from prefect_eggapi.client import EggAPIClient
-from prefect_eggapi.errors import ReconciliationError
+from prefect_eggapi.client.errors import ReconciliationError
+from prefect_eggapi.client.types import GenerateRequest
 from prefect_eggapi.flows import batch_generate
-from prefect_eggapi.ledger import EntryState, SQLiteLedger
-from prefect_eggapi.local_s3 import LocalS3
-from prefect_eggapi.models import GenerateRequest
-from prefect_eggapi.submission import Submitter
+from prefect_eggapi.safety.ledger import EntryState, SQLiteLedger
+from prefect_eggapi.safety.submitter import Submitter
+from prefect_eggapi.testing.local_s3 import LocalS3
 from reliability_common import HoldingProxy, environ, run_chaos, wait_until, without, write_manifest
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]

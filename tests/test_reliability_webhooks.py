@@ -29,13 +29,13 @@ from prefect import flow
 from pydantic import SecretStr
 
 from asgi_server import serve_asgi
+from prefect_eggapi.cli.receiver import emit_webhook_event
 from prefect_eggapi.client import EggAPIClient
+from prefect_eggapi.client.polling import PollPolicy
 from prefect_eggapi.credentials import EggAPICredentials
-from prefect_eggapi.polling import PollPolicy
-from prefect_eggapi.receiver import EggAPIReconciler, WebhookReceiver
-from prefect_eggapi.receiver_cli import emit_webhook_event
-from prefect_eggapi.signals import SQLiteSignals
 from prefect_eggapi.tasks import wait_for_task
+from prefect_eggapi.webhooks.receiver import EggAPIReconciler, WebhookReceiver
+from prefect_eggapi.webhooks.signals import SQLiteSignals
 from reliability_common import find_secrets, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("prefect_harness")]
@@ -165,7 +165,11 @@ def scene(emulator, emulator_api_key: str, tmp_path: Path):
         @flow(name="eggapi-webhook-target")
         def target() -> str:
             done = wait_for_task(
-                task.id, creds, timeout=90, poll=SLOW_POLL, signals=SQLiteSignals(signals_path)
+                task.id,
+                credentials=creds,
+                timeout=90,
+                poll=SLOW_POLL,
+                signals=SQLiteSignals(signals_path),
             )
             return done.status.value
 
@@ -241,7 +245,7 @@ def test_every_attack_is_rejected_and_none_reaches_the_flow(scene, emulator, emu
 def test_rejection_logs_name_the_reason_but_no_secret(scene, caplog):
     import logging
 
-    caplog.set_level(logging.INFO, logger="prefect_eggapi.receiver")
+    caplog.set_level(logging.INFO, logger="prefect_eggapi.webhooks.receiver")
     task_id = scene["task"].id
     with httpx.Client(timeout=10, trust_env=False) as http:
         for _name, body, hdrs, _expected in attacks(task_id):

@@ -9,7 +9,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 from prefect.states import Failed
 
-from prefect_eggapi.errors import (
+from prefect_eggapi.client.errors import (
     AmbiguousSubmitError,
     APIValidationError,
     BudgetExceededError,
@@ -21,13 +21,13 @@ from prefect_eggapi.errors import (
     TaskFailedError,
     UpstreamError,
 )
-from prefect_eggapi.models import Task, TaskStatus
+from prefect_eggapi.client.types import EggAPITask, TaskStatus
 from prefect_eggapi.storage import S3CallError, UploadError, is_transient_s3_error
 from prefect_eggapi.tasks import retry_generation, retry_submit, retry_transient
 
 NOW = datetime.now(UTC)
-FAILED = Task(id="gen_x", status=TaskStatus.FAILED, error="Upstream provider error")
-MODERATED = Task(id="gen_y", status=TaskStatus.FAILED, error="Content moderation: no")
+FAILED = EggAPITask(id="gen_x", status=TaskStatus.FAILED, error="Upstream provider error")
+MODERATED = EggAPITask(id="gen_y", status=TaskStatus.FAILED, error="Content moderation: no")
 
 
 def client_error(code: str, status: int) -> ClientError:
@@ -102,7 +102,7 @@ def test_is_transient_s3_error_direct():
 
 
 def test_storage_errors_are_in_the_one_tree_with_their_own_classification():
-    from prefect_eggapi.errors import EggAPIError, ErrorClass, StorageError, classify
+    from prefect_eggapi.client.errors import EggAPIError, ErrorClass, StorageError, classify
 
     denied = UploadError("denied", bucket="b", key="k", code="AccessDenied")
     reset = UploadError("reset", bucket="b", key="k")

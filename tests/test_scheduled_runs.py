@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from prefect_eggapi.stack import LocalStack
+from prefect_eggapi.testing.stack import LocalStack
 from prefect_procs import POOL, REPO, api_read, cli, prefect_server, start_worker, stop, wait_until
 
 pytestmark = pytest.mark.integration

@@ -47,7 +47,7 @@ from multiworker_common import (
     wait_tasks_terminal,
 )
 from pg_cluster import PgCluster, missing_reason, pg_cluster
-from prefect_eggapi.stack import LocalStack
+from prefect_eggapi.testing.stack import LocalStack
 from prefect_procs import (
     BIN,
     POOL,

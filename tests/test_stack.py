@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from prefect_eggapi.client import EggAPIClient
-from prefect_eggapi.emulator import DEFAULT_API_KEY
-from prefect_eggapi.stack import LocalStack
 from prefect_eggapi.storage import OutputStore, S3Settings
+from prefect_eggapi.testing.emulator import DEFAULT_API_KEY
+from prefect_eggapi.testing.stack import LocalStack
 from procs import gone
 
 pytestmark = pytest.mark.integration
@@ -52,7 +52,7 @@ def test_local_stack_env_drives_client_and_store_then_stops_by_pid():
 
 
 def test_local_stack_start_failure_stops_the_other_component(monkeypatch):
-    from prefect_eggapi import local_s3
+    from prefect_eggapi.testing import local_s3
 
     def broken(*args, **kwargs):
         raise local_s3.LocalS3Error("weed not found (simulated)")

@@ -22,7 +22,6 @@ import pytest
 from PIL import Image
 from pydantic import SecretStr, ValidationError
 
-from prefect_eggapi.local_s3 import LocalS3
 from prefect_eggapi.storage import (
     MAX_EDIT_INPUTS,
     InvalidKeyError,
@@ -38,6 +37,7 @@ from prefect_eggapi.storage import (
     encode_metadata_value,
     make_transfer_config,
 )
+from prefect_eggapi.testing.local_s3 import LocalS3
 
 pytestmark = pytest.mark.integration
 

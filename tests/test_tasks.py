@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from prefect_eggapi.credentials import EggAPICredentials
-from prefect_eggapi.errors import (
+from prefect_eggapi.client.errors import (
     BudgetExceededError,
     ContentModerationError,
     InvalidRequestError,
     TaskAbandonedError,
 )
-from prefect_eggapi.ledger import EntryState, SQLiteLedger
-from prefect_eggapi.models import GenerateRequest
+from prefect_eggapi.client.types import GenerateRequest
+from prefect_eggapi.credentials import EggAPICredentials
+from prefect_eggapi.safety.ledger import EntryState, SQLiteLedger
 from prefect_eggapi.tasks import (
     agenerate_image,
     asubmit_generation,
@@ -231,8 +231,8 @@ def test_sigkill_between_submit_and_completion_then_rerun_reconnects(
         textwrap.dedent(
             """
             from prefect import flow
-            from prefect_eggapi.models import GenerateRequest
-            from prefect_eggapi.tasks import submit_generation, wait_for_task
+            from prefect_eggapi.client.types import GenerateRequest
+            from prefect_eggapi.tasks._tasks import submit_generation, wait_for_task
 
             @flow
             def victim():

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from browser import IMAGES_JS, Browser, chromium_path
-from prefect_eggapi.local_s3 import LocalS3
+from prefect_eggapi.testing.local_s3 import LocalS3
 from prefect_procs import api_read, prefect_server
 from procs import gone
 

@@ -274,10 +274,10 @@ def test_a_retry_attempt_never_adopts_the_task_an_earlier_attempt_was_delivered_
     attribute: adopting attempt 1's failed task would leave attempt 2's task billed and orphaned
     and make the next retry pay again (found by an adversarial run: 3 tasks, 2 billed)."""
     from prefect_eggapi.client import EggAPIClient
-    from prefect_eggapi.errors import TaskFailedError
-    from prefect_eggapi.ledger import ledger_at
-    from prefect_eggapi.models import GenerateRequest
-    from prefect_eggapi.submission import Submitter, record_outcome
+    from prefect_eggapi.client.errors import TaskFailedError
+    from prefect_eggapi.client.types import GenerateRequest
+    from prefect_eggapi.safety.ledger import ledger_at
+    from prefect_eggapi.safety.submitter import Submitter, record_outcome
 
     em = scene.emulator
     em.set_config(manual=False, pending_seconds=0.05, processing_seconds=0.2)
@@ -317,7 +317,7 @@ def test_the_block_or_environment_webhook_url_gives_every_submit_task_its_own_no
     with a fresh nonce per POST, so flows get exact attribution without touching requests."""
     from prefect import flow
 
-    from prefect_eggapi.models import GenerateRequest
+    from prefect_eggapi.client.types import GenerateRequest
     from prefect_eggapi.tasks import submit_generation
 
     @flow

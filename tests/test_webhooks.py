@@ -1,4 +1,4 @@
-"""Signature verification (``prefect_eggapi.webhooks``), against independently computed vectors.
+"""Signature verification (``webhooks.verify``), against independently computed vectors.
 
 The hard-coded vector was computed with ``openssl dgst -sha256 -hmac``; the others with ``hmac``
 in this file. Every attack is one test that must raise its own typed error.
@@ -15,7 +15,7 @@ import sys
 import pytest
 from pydantic import SecretStr
 
-from prefect_eggapi.webhooks import (
+from prefect_eggapi.webhooks.verify import (
     FutureTimestampError,
     InvalidSignatureFormatError,
     InvalidTimestampError,
@@ -214,7 +214,7 @@ def test_secrets_never_appear_in_errors() -> None:
 
 
 def test_module_does_not_import_prefect() -> None:
-    code = "import sys, prefect_eggapi.webhooks; print('prefect' in sys.modules)"
+    code = "import sys, prefect_eggapi.webhooks.verify; print('prefect' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )

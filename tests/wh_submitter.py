@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from prefect_eggapi.client import EggAPIClient
-    from prefect_eggapi.errors import EggAPIError
-    from prefect_eggapi.ledger import ledger_at
-    from prefect_eggapi.models import GenerateRequest
-    from prefect_eggapi.submission import Submitter
+    from prefect_eggapi.client.errors import EggAPIError
+    from prefect_eggapi.client.types import GenerateRequest
+    from prefect_eggapi.safety.ledger import ledger_at
+    from prefect_eggapi.safety.submitter import Submitter
 
     request = GenerateRequest(
         model="nanobanana", prompt=args.prompt, webhook_url=args.webhook_url or None

@@ -1,6 +1,7 @@
 """prefect-eggapi: EggAPI image generation for Prefect 3, without paying twice.
 
-The client layer (``client``, ``models``, ``errors``, ``pricing``) imports nothing from Prefect;
+The client layer (``client/``) and the layers on it (``safety/``, ``storage/``, ``webhooks/``)
+import nothing from Prefect;
 the Prefect blocks and tasks are loaded on first use so that plain scripts stay light.
 """
 
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from prefect_eggapi._version import __version__
 from prefect_eggapi.client import AsyncEggAPIClient, EggAPIClient, RetryPolicy
-from prefect_eggapi.errors import (
+from prefect_eggapi.client.errors import (
     AmbiguousSubmitError,
     APIStatusError,
     BudgetExceededError,
@@ -27,8 +28,8 @@ from prefect_eggapi.errors import (
     TaskFailedError,
     UploadError,
 )
-from prefect_eggapi.models import GenerateRequest, Task, TaskStatus
-from prefect_eggapi.polling import PollPolicy
+from prefect_eggapi.client.polling import PollPolicy
+from prefect_eggapi.client.types import EggAPITask, GenerateRequest, TaskStatus
 
 if TYPE_CHECKING:
     from prefect_eggapi.credentials import EggAPICredentials
@@ -37,6 +38,10 @@ _LAZY = {"EggAPICredentials": "prefect_eggapi.credentials"}
 
 
 def __getattr__(name: str) -> Any:
+    if name == "Task":  # the 0.1 name of EggAPITask; warns, kept for one release
+        from prefect_eggapi.client import types
+
+        return types.Task
     if name in _LAZY:
         import importlib
 
@@ -59,6 +64,7 @@ __all__ = [
     "EggAPIClient",
     "EggAPICredentials",
     "EggAPIError",
+    "EggAPITask",
     "EmptyOutputError",
     "ErrorClass",
     "GenerateRequest",
@@ -68,7 +74,6 @@ __all__ = [
     "RetryPolicy",
     "S3CallError",
     "StorageError",
-    "Task",
     "TaskAbandonedError",
     "TaskFailedError",
     "TaskStatus",

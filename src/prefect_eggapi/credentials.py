@@ -17,11 +17,11 @@ from prefect.blocks.core import Block
 from pydantic import Field, SecretStr, field_validator
 
 from prefect_eggapi.client import DEFAULT_BASE_URL, AsyncEggAPIClient, EggAPIClient, RetryPolicy
-from prefect_eggapi.errors import InvalidRequestError
-from prefect_eggapi.models import MAX_WEBHOOK_URL_CHARS, GenerateRequest, check_http_url
-from prefect_eggapi.polling import DurationStats, PollPolicy
-from prefect_eggapi.ratelimit import CombinedLimiter, Limiter, RateLimiter
-from prefect_eggapi.registry import Registry
+from prefect_eggapi.client.errors import InvalidRequestError
+from prefect_eggapi.client.polling import DurationStats, PollPolicy
+from prefect_eggapi.client.ratelimit import CombinedLimiter, Limiter, RateLimiter
+from prefect_eggapi.client.registry import Registry
+from prefect_eggapi.client.types import MAX_WEBHOOK_URL_CHARS, GenerateRequest, check_http_url
 
 API_KEY_ENV = "EGGAPI_API_KEY"
 BASE_URL_ENV = "EGGAPI_BASE_URL"
@@ -46,7 +46,7 @@ _GLOBAL: Registry[str, Limiter] = Registry("global-limit clients by limit name")
 
 def _global_limiter(name: str) -> Limiter:
     """One batching limiter per limit name per process, shared by all clients."""
-    from prefect_eggapi.global_limit import GlobalRateLimiter
+    from prefect_eggapi.tasks.global_limit import GlobalRateLimiter
 
     return _GLOBAL.get(name, lambda: GlobalRateLimiter(name))
 

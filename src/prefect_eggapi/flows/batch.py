@@ -39,20 +39,20 @@ from typing import Any, Literal
 from prefect import flow
 from pydantic import BaseModel, Field, StrictInt, field_validator
 
-from prefect_eggapi.artifacts import Progress, artifact_key
-from prefect_eggapi.batch_input import BatchItem, BrokenLine, read_manifest
-from prefect_eggapi.errors import BudgetExceededError, InvalidRequestError, describe
+from prefect_eggapi.client.errors import BudgetExceededError, InvalidRequestError, describe
+from prefect_eggapi.client.pricing import estimate_cost, format_cost
+from prefect_eggapi.client.types import AspectRatio, Model, Resolution
+from prefect_eggapi.flows.manifests import BatchItem, BrokenLine, read_manifest
 from prefect_eggapi.flows.pipeline import FlowParams, _credentials, _scheduled_slot, s3_settings
-from prefect_eggapi.ledger import LedgerStore, default_ledger
-from prefect_eggapi.models import AspectRatio, Model, Resolution
-from prefect_eggapi.pricing import estimate_cost, format_cost
-from prefect_eggapi.runtime import flow_run_id, in_thread, run_logger
+from prefect_eggapi.safety.ledger import LedgerStore, default_ledger
 from prefect_eggapi.storage import (
     OutputStore,
     is_transient_s3_error,
     put_if,
     read_object,
 )
+from prefect_eggapi.tasks.artifacts import Progress, artifact_key
+from prefect_eggapi.tasks.runtime import flow_run_id, in_thread, run_logger
 
 ItemStatus = Literal["persisted", "failed", "skipped"]
 
@@ -360,7 +360,7 @@ class _Batch:
                     done = await agenerate_image.with_options(retry_delay_seconds=[1, 5])(
                         item.request,
                         self.store,
-                        self.creds,
+                        credentials=self.creds,
                         key=f"{self.run_key}/{item.id}",
                         label=item.id,
                         budget=self.budget,
@@ -438,7 +438,7 @@ async def publish_problems(
     results: list[ItemResult], broken: list[BrokenLine], *, key: str, what: str
 ) -> None:
     """The table of every line that did not end persisted (failed, skipped, broken)."""
-    from prefect_eggapi.artifacts import ReportRow, publish_report
+    from prefect_eggapi.tasks.artifacts import ReportRow, publish_report
 
     problems = [
         ReportRow(

@@ -39,7 +39,8 @@ persisted) at a time; every step is its own task run named after the EggAPI task
 
 **What a run leaves to look at.** One gallery (items × rounds, each edit beside its source, with
 prompt, what this run paid, task id and S3 URI; thumbnails embedded so it renders for good, full
-size presigned links as extras; paged for big runs, see :mod:`prefect_eggapi.gallery`), one cost
+size presigned links as extras; paged for big runs, see :mod:`prefect_eggapi.tasks.gallery`),
+one cost
 table with a total row, one progress bar for the run, and an asset per image that this run
 stored. Artifact keys start with the flow or deployment name, so ad-hoc runs (the demo) and
 deployment runs keep separate histories. A rerun that only reconnects shows $0.0000 paid and
@@ -62,20 +63,19 @@ from typing import Any, Literal, Self
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from prefect_eggapi.errors import InvalidRequestError
-from prefect_eggapi.models import (
+from prefect_eggapi.client.errors import InvalidRequestError
+from prefect_eggapi.client.pricing import estimate_cost, format_cost
+from prefect_eggapi.client.types import (
     MAX_NEGATIVE_PROMPT_CHARS,
     MAX_PROMPT_CHARS,
     AspectRatio,
+    EggAPITask,
     GenerateRequest,
     Model,
     Resolution,
-    Task,
     problems_from,
 )
-from prefect_eggapi.pricing import estimate_cost, format_cost
-from prefect_eggapi.prompts import PromptSource, TemplatePrompts, as_prompt_source
-from prefect_eggapi.runtime import in_thread, run_logger
+from prefect_eggapi.flows.prompts import PromptSource, TemplatePrompts, as_prompt_source
 from prefect_eggapi.storage import (
     MAX_PRESIGN_SECONDS,
     OutputStore,
@@ -84,6 +84,7 @@ from prefect_eggapi.storage import (
     validate_bucket_name,
     validate_prefix,
 )
+from prefect_eggapi.tasks.runtime import in_thread, run_logger
 
 __all__ = [
     "DEFAULT_EDIT_INSTRUCTIONS",
@@ -373,7 +374,7 @@ class _Run:
         store: OutputStore,
         credentials: Any,
     ) -> None:
-        from prefect_eggapi.ledger import default_ledger
+        from prefect_eggapi.safety.ledger import default_ledger
 
         self.params = params
         self.prompts = prompts
@@ -402,7 +403,7 @@ class _Run:
 
     def _known_task(self, logical_key: str, request: GenerateRequest) -> str | None:
         """The task id already recorded for this work (so the submit will not pay), or None."""
-        from prefect_eggapi.ledger import LIVE_STATES, ledger_key
+        from prefect_eggapi.safety.ledger import LIVE_STATES, ledger_key
 
         entry = self.ledger.get(ledger_key(logical_key, request.fingerprint()))
         if entry is not None and entry.state in LIVE_STATES and entry.task_id:
@@ -438,14 +439,14 @@ class _Run:
             request = self.request(prompt, source_url)
             async with self.semaphore:
                 known = await in_thread(partial(self._known_task, logical_key, request))
-                task: Task | str
+                task: EggAPITask | str
                 if known is not None and request.is_edit and p.use_presigned_inputs:
                     task = known  # reconnect by logical key: the presigned URL is new
                 else:
                     submit = asubmit_edit if request.is_edit else asubmit_generation
                     task = await submit(
                         request,
-                        self.credentials,
+                        credentials=self.credentials,
                         key=logical_key,
                         label=label,
                         budget=p.budget,
@@ -453,7 +454,7 @@ class _Run:
                     )
                 done = await await_for_task(
                     task,
-                    self.credentials,
+                    credentials=self.credentials,
                     timeout=p.wait_timeout,
                     label=label,
                     progress=False,  # one progress bar for the run, not one per task
@@ -463,7 +464,7 @@ class _Run:
                 stored: list[StoredImage] = await adownload_outputs(
                     done,
                     self.store,
-                    self.credentials,
+                    credentials=self.credentials,
                     label=label,
                     image_artifacts=False,  # the run's gallery shows them, for good
                     ledger=self.ledger,
@@ -518,7 +519,7 @@ class _Run:
 
     def _persisted_before(self, task_id: str) -> bool:
         """The ledger already had this task's outputs stored (a rerun): not a materialization."""
-        from prefect_eggapi.ledger import EntryState
+        from prefect_eggapi.safety.ledger import EntryState
 
         entry = self.ledger.find_task(task_id)
         return (
@@ -528,7 +529,7 @@ class _Run:
     async def _materialize(
         self,
         stored: list[StoredImage],
-        done: Task,
+        done: EggAPITask,
         *,
         source_uri: str | None,
         prompt: str,
@@ -551,7 +552,7 @@ class _Run:
     async def _step_done(self, stored: list[StoredImage], cell: int) -> None:
         """Thumbnails from the stored bytes (for the gallery; none past the gallery's cap, which
         counts cells in item, round order) and the run's progress bar."""
-        from prefect_eggapi.gallery import MAX_CELLS, thumbnail_of
+        from prefect_eggapi.tasks.gallery import MAX_CELLS, thumbnail_of
 
         if self.params.image_artifacts and cell < MAX_CELLS:
             for s in stored:
@@ -571,7 +572,7 @@ def _row_order(row: Any) -> tuple[int, ...]:
 
 
 def _gallery_cells(run: _Run, records: Sequence[ItemRecord]) -> list[Any]:
-    from prefect_eggapi.gallery import GalleryCell
+    from prefect_eggapi.tasks.gallery import GalleryCell
 
     cells = []
     for r in records:
@@ -595,7 +596,7 @@ def _gallery_cells(run: _Run, records: Sequence[ItemRecord]) -> list[Any]:
 def _publish_gallery(
     run: _Run, records: Sequence[ItemRecord], failed: list[str], *, key: str
 ) -> None:
-    from prefect_eggapi.artifacts import publish_gallery
+    from prefect_eggapi.tasks.artifacts import publish_gallery
 
     publish_gallery(
         _gallery_cells(run, records),
@@ -707,7 +708,7 @@ async def run_pipeline(
     s3_bucket_block: str | None = None,
 ) -> PipelineSummary:
     """The pipeline's body (call it inside a flow run; :func:`image_pipeline` does)."""
-    from prefect_eggapi.artifacts import Progress, publish_report, run_artifact_key
+    from prefect_eggapi.tasks.artifacts import Progress, publish_report, run_artifact_key
 
     logger = run_logger()
     try:

@@ -32,13 +32,14 @@ from prefect import flow
 from pydantic import BaseModel, Field
 
 from prefect_eggapi.client import EggAPIClient
-from prefect_eggapi.credentials import EggAPICredentials
-from prefect_eggapi.errors import (
+from prefect_eggapi.client.errors import (
     ContentModerationError,
     EmptyOutputError,
     TaskFailedError,
     describe,
 )
+from prefect_eggapi.client.types import EggAPITask, TaskStatus
+from prefect_eggapi.credentials import EggAPICredentials
 from prefect_eggapi.flows.batch import (
     ItemResult,
     batch_base,
@@ -46,17 +47,16 @@ from prefect_eggapi.flows.batch import (
     record_item_status,
 )
 from prefect_eggapi.flows.pipeline import _credentials, s3_settings
-from prefect_eggapi.ledger import (
+from prefect_eggapi.safety.ledger import (
     EntryState,
     LedgerEntry,
     LedgerStore,
     default_ledger,
     ledger_key,
 )
-from prefect_eggapi.models import Task, TaskStatus
-from prefect_eggapi.runtime import flow_run_id, in_thread, run_logger
+from prefect_eggapi.safety.submitter import Submitter, record_outcome
 from prefect_eggapi.storage import OutputStore, StoredImage, put_if, read_object
-from prefect_eggapi.submission import Submitter, record_outcome
+from prefect_eggapi.tasks.runtime import flow_run_id, in_thread, run_logger
 
 PENDING_STATES = {EntryState.ABANDONED, EntryState.SUBMITTED, EntryState.COMPLETED}
 
@@ -133,11 +133,11 @@ def _recover_one(
     creds: EggAPICredentials,
     ledger: LedgerStore,
     summary: RecoverySummary,
-) -> tuple[Task, list[StoredImage]] | None:
+) -> tuple[EggAPITask, list[StoredImage]] | None:
     """Store one task's outputs if it completed; (task, stored) when it did."""
     from prefect_eggapi.tasks import download_outputs
 
-    task: Task = client.get_task(task_id)
+    task: EggAPITask = client.get_task(task_id)
     summary.checked += 1
     if not task.is_terminal:
         summary.still_running.append(task_id)
@@ -157,7 +157,7 @@ def _recover_one(
     else:
         record_outcome(ledger, task_id, task=task)
     stored = download_outputs.fn(
-        task, store, creds, label="recovered", image_artifacts=False, ledger=ledger
+        task, store, credentials=creds, label="recovered", image_artifacts=False, ledger=ledger
     )
     summary.persisted.append(task_id)
     summary.recovered_cost += task.cost_amount
@@ -165,7 +165,7 @@ def _recover_one(
 
 
 def _settle_item(
-    store: OutputStore, entry: LedgerEntry, task: Task, stored: list[StoredImage], run: str
+    store: OutputStore, entry: LedgerEntry, task: EggAPITask, stored: list[StoredImage], run: str
 ) -> bool:
     """The batch item that failed for this entry's lost answer is persisted now: its status
     object says so (the failed one is removed), and so does the batch's ``status.jsonl``."""
@@ -207,7 +207,7 @@ def _rewrite_status_line(store: OutputStore, key: str, result: ItemResult, tries
             return
 
 
-def _adopt_orphan(ledger: LedgerStore, task: Task) -> None:
+def _adopt_orphan(ledger: LedgerStore, task: EggAPITask) -> None:
     """A paid task no entry knows (its ledger write was lost): record it so it is kept once."""
     ledger.put(
         LedgerEntry(

@@ -44,8 +44,8 @@ from uuid import UUID
 from prefect import flow
 from pydantic import BaseModel, Field, StrictInt
 
-from prefect_eggapi.batch_input import BatchItem, BrokenLine
-from prefect_eggapi.errors import InvalidRequestError
+from prefect_eggapi.client.errors import InvalidRequestError
+from prefect_eggapi.client.pricing import format_cost
 from prefect_eggapi.flows.batch import (
     BatchError,
     BatchParams,
@@ -57,10 +57,10 @@ from prefect_eggapi.flows.batch import (
     open_manifest,
     publish_problems,
 )
+from prefect_eggapi.flows.manifests import BatchItem, BrokenLine
 from prefect_eggapi.flows.pipeline import FlowParams, _scheduled_slot
-from prefect_eggapi.pricing import format_cost
-from prefect_eggapi.runtime import flow_run_id, in_thread, run_logger
 from prefect_eggapi.storage import OutputStore, put_if, read_object
+from prefect_eggapi.tasks.runtime import flow_run_id, in_thread, run_logger
 
 DEFAULT_SHARD_DEPLOYMENT = "eggapi-batch/batch-shard"
 FINAL = ("persisted", "failed", "skipped")
@@ -365,7 +365,7 @@ async def run_sharded(
     params: BatchParams, plan: ShardPlan, *, credentials_block: str | None = None
 ) -> ShardedSummary:
     """The parent's body (call it inside a flow run; :func:`sharded_batch_generate` does)."""
-    from prefect_eggapi.artifacts import artifact_key
+    from prefect_eggapi.tasks.artifacts import artifact_key
 
     logger = run_logger()
     if params.lines is not None:

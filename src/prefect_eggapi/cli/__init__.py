@@ -1,0 +1,1 @@
+"""The ``prefect-eggapi`` command. Every argparse parser of the package lives in this package."""

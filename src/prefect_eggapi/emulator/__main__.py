@@ -1,8 +1,0 @@
-"""``python -m prefect_eggapi.emulator [options]``: run the emulator in the foreground."""
-
-from __future__ import annotations
-
-from prefect_eggapi.emulator.cli import main
-
-if __name__ == "__main__":
-    raise SystemExit(main())

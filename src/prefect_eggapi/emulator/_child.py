@@ -1,8 +1,0 @@
-"""Subprocess entry point used by :class:`~prefect_eggapi.emulator.server.EmulatorProcess`."""
-
-from __future__ import annotations
-
-from prefect_eggapi.emulator.server import child_main
-
-if __name__ == "__main__":
-    raise SystemExit(child_main())
