@@ -90,3 +90,72 @@ def test_the_contract_fails_on_a_violation(
     (root / module).write_text(source)
     found = violations(root)
     assert len(found) == 1 and expected in found[0], found
+
+
+# --------------------------------------------------------------------------- typed public API
+
+TYPED_PACKAGES = ("client", "safety", "storage", "tasks")
+
+
+def _mentions_any(node: ast.expr | None) -> bool:
+    if node is None:
+        return False
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name) and sub.id == "Any":
+            return True
+        if isinstance(sub, ast.Attribute) and sub.attr == "Any":
+            return True
+        if isinstance(sub, ast.Constant) and isinstance(sub.value, str) and "Any" in sub.value:
+            return True  # a string annotation
+    return False
+
+
+def _signature_anys(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    a = fn.args
+    params = [*a.posonlyargs, *a.args, *a.kwonlyargs]
+    found = [p.arg for p in params if _mentions_any(p.annotation)]
+    found += [
+        f"*{v.arg}" for v in (a.vararg, a.kwarg) if v is not None and _mentions_any(v.annotation)
+    ]
+    if _mentions_any(fn.returns):
+        found.append("return")
+    return found
+
+
+def any_in_public_signatures(package: Path) -> list[str]:
+    """``module:function(params)`` for every public function or method typed with ``Any``."""
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        where = path.relative_to(package.parent)
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                if not node.name.startswith("_") and (bad := _signature_anys(node)):
+                    found.append(f"{where}:{node.name}({', '.join(bad)})")
+            elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                for item in node.body:
+                    if not isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+                        continue
+                    public = not item.name.startswith("_") or item.name == "__init__"
+                    if public and (bad := _signature_anys(item)):
+                        found.append(f"{where}:{node.name}.{item.name}({', '.join(bad)})")
+    return found
+
+
+@pytest.mark.parametrize("package", TYPED_PACKAGES)
+def test_public_signatures_name_their_types(package: str) -> None:
+    """No ``Any`` in a public signature of the lower layers and the tasks (mypy strict can't see
+    what ``Any`` erases)."""
+    assert any_in_public_signatures(SRC / package) == []
+
+
+def test_the_any_check_can_fail(tmp_path: Path) -> None:
+    pkg = tmp_path / "client"
+    pkg.mkdir()
+    (pkg / "x.py").write_text(
+        "from typing import Any\n"
+        "def f(a: int, **kw: Any) -> None: ...\n"
+        "def _private(a: Any) -> Any: ...\n"
+        "class C:\n    def m(self) -> 'dict[str, Any]': ...\n"
+    )
+    assert any_in_public_signatures(pkg) == ["client/x.py:f(**kw)", "client/x.py:C.m(return)"]
