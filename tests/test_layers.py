@@ -114,9 +114,10 @@ def _signature_anys(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
     a = fn.args
     params = [*a.posonlyargs, *a.args, *a.kwonlyargs]
     found = [p.arg for p in params if _mentions_any(p.annotation)]
-    found += [
-        f"*{v.arg}" for v in (a.vararg, a.kwarg) if v is not None and _mentions_any(v.annotation)
-    ]
+    if a.vararg is not None and _mentions_any(a.vararg.annotation):
+        found.append(f"*{a.vararg.arg}")
+    if a.kwarg is not None and _mentions_any(a.kwarg.annotation):
+        found.append(f"**{a.kwarg.arg}")
     if _mentions_any(fn.returns):
         found.append("return")
     return found
