@@ -22,17 +22,18 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from prefect_eggapi.testing.asgi import free_port
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
-sys.path.insert(0, str(REPO / "tests"))  # the uvicorn-in-a-thread helper the tests use
-# serve_asgi is re-exported for the benches
-from asgi_server import free_port, serve_asgi  # noqa: E402, F401
 
 PY = sys.executable
 # Loud, per-request client logs would dominate a 2-core machine; the flows still log to the API.
 QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "2",
+    # The ephemeral API server's default 20 s start-up limit is missed on a loaded machine.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PYTHONUNBUFFERED": "1",
 }
 
@@ -253,10 +254,12 @@ def write_manifest(path: Path, n: int, tag: str) -> str:
 
 
 class PrefectServer:
-    """``prefect server start`` as a subprocess (own PREFECT_HOME, SQLite), stopped by PID."""
+    """``prefect server start`` as a subprocess (own PREFECT_HOME; SQLite there, or the
+    database at ``database_url``, e.g. a PostgreSQL cluster's asyncpg URL), stopped by PID."""
 
-    def __init__(self) -> None:
+    def __init__(self, database_url: str | None = None) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="eggapi-bench-server-"))
+        self.database_url = database_url
         self.port = free_port()
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -271,7 +274,7 @@ class PrefectServer:
             **QUIET_ENV,
             "PREFECT_HOME": str(self.home),
             "PREFECT_API_DATABASE_CONNECTION_URL": (
-                f"sqlite+aiosqlite:///{self.home / 'prefect.db'}"
+                self.database_url or f"sqlite+aiosqlite:///{self.home / 'prefect.db'}"
             ),
         }
         env.pop("PREFECT_API_URL", None)

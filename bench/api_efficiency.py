@@ -33,8 +33,9 @@ from _common import (
     p50_p95,
     prefect_env,
     run_child,
-    serve_asgi,
 )
+
+from prefect_eggapi.testing.asgi import serve_asgi
 
 SECRET = "whsec_bench_api_efficiency"
 TWO_OUTPUTS = "webhooks, 2 outputs per task"

@@ -7,20 +7,25 @@
 Everything runs on loopback: the EggAPI emulator (subprocess), SeaweedFS (``weed mini``, stopped
 and restarted once mid-run on the same ports and data) and a temporary Prefect API
 (``prefect_test_harness``). The scenario and the invariant checks are shared with the CI-sized
-test ``tests/test_reliability_chaos.py`` (``tests/reliability_common.py``).
+test ``tests/test_reliability_chaos.py`` (``tests/reliability_common.py``); they run in a child
+``python -m pytest bench/chaos_case.py`` (pytest resolves the test helpers' imports), which
+writes the figures as JSON; this process imports no test module and renders them.
 
 Exit status 0 when the invariants hold (nothing lost, nothing paid twice, no paid task left
 uncollected, no failure but the terminal moderation ones, no sha256 mismatch, no secret found),
 1 otherwise.
 
 ``--workers N`` (N > 1): N real worker processes (``tests/mw_worker.py`` via
-``tests/multiworker_common.py``) run ONE manifest with one run key, sharing the S3 ledger, under
-the same fault mix (``chaos_faults``) with 0..20 ms of latency on every S3 request chunk; one
-worker is SIGKILLed once a third of the items have a task (from the emulator's audit) and
-restarted; when all have finished, one more rerun. The verdict comes only from the emulator's
-audit and the bucket (``multiworker_common.judge``); it rewrites only its own section of
+``tests/multiworker_common.py``, from the same child) run ONE manifest with one run key, sharing
+the S3 ledger, under the same fault mix (``chaos_faults``) with 0..20 ms of latency on every S3
+request chunk; one worker is SIGKILLed once a third of the items have a task (from the emulator's
+audit) and restarted; when all have finished, one more rerun. The verdict comes only from the
+emulator's audit and the bucket (``multiworker_common.judge``); it rewrites only its own section of
 RELIABILITY.md. Exit 1 on any violation (a duplicate, a wrong image, a line unaccounted for, a
 billed task neither collected nor explained, costs not adding up to the bill, a paying rerun).
+
+Above 400 lines because most of it is the two RELIABILITY.md templates; the scenarios are in
+``chaos_case.py``.
 """
 
 from __future__ import annotations
@@ -28,306 +33,58 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
+import subprocess
 import sys
 import tempfile
-import time
-from collections import Counter
-from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-CHAOS_API_KEY = "egg_sk_chaos_bench_key_7c1e9a"
-
-
-def _setup_env(tmp: Path) -> None:
-    os.environ.setdefault("PREFECT_HOME", str(tmp / "prefect-home"))
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ["PREFECT_LOGGING_LEVEL"] = os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING")
-    for name in ("EGGAPI_API_KEY", "EGGAPI_BASE_URL", "EGGAPI_S3_PREFIX", "EGGAPI_LEDGER_URI"):
-        os.environ.pop(name, None)
+CASE = Path(__file__).resolve().with_name("chaos_case.py")
+# Not passed on to the scenario: it must use the local emulator and bucket it starts.
+CALLER_ONLY = ("EGGAPI_API_KEY", "EGGAPI_BASE_URL", "EGGAPI_S3_PREFIX", "EGGAPI_LEDGER_URI")
 
 
-def run(items: int, concurrency: int, webhook_items: int) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="eggapi-chaos-"))
-    _setup_env(tmp)
+def run_case(items: int, workers: int, concurrency: int, webhook_items: int) -> dict[str, Any]:
+    """Run the scenario in ``python -m pytest bench/chaos_case.py``; its figures.
 
-    from prefect.testing.utilities import prefect_test_harness
-
-    from prefect_eggapi.testing.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
-    from prefect_eggapi.testing.local_s3 import LocalS3
-    from reliability_common import environ, run_chaos
-
-    config = EmulatorConfig(
-        api_keys={CHAOS_API_KEY: ApiKeyConfig(balance=Decimal("1000"), name="chaos")},
-        pending_seconds=0.05,
-        processing_seconds=0.3,
-        rate_limit_per_second=200,
+    Parameters go in EGGAPI_CHAOS_SPEC, the figures come back in the JSON file named by
+    EGGAPI_CHAOS_OUT; the child's output (the ``[chaos]`` progress lines) goes to this
+    process's. Raises RuntimeError when the child wrote no figures."""
+    tmp = Path(tempfile.mkdtemp(prefix="eggapi-chaos-run-"))
+    out = tmp / "figures.json"
+    spec = {
+        "items": items,
+        "workers": workers,
+        "concurrency": concurrency,
+        "webhook_items": webhook_items,
+    }
+    env = {k: v for k, v in os.environ.items() if k not in CALLER_ONLY}
+    env.update(
+        PREFECT_HOME=env.get("PREFECT_HOME") or str(tmp / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_LEVEL=env.get("PREFECT_LOGGING_LEVEL", "WARNING"),
+        EGGAPI_CHAOS_SPEC=json.dumps(spec),
+        EGGAPI_CHAOS_OUT=str(out),
     )
-    started = time.monotonic()
-    with EmulatorProcess(config) as emulator, LocalS3(tmp / "s3-data") as s3:
-        bucket = s3.create_bucket("eggapi-chaos")
-        env = {
-            **s3.env(),
-            "EGGAPI_S3_BUCKET": bucket,
-            "EGGAPI_API_KEY": CHAOS_API_KEY,
-            "EGGAPI_BASE_URL": emulator.base_url,
-            "EGGAPI_LEDGER_DIR": str(tmp / "ledger"),
-        }
-        with environ(**env), prefect_test_harness(server_startup_timeout=90):
-            result = run_chaos(
-                n=items,
-                emulator=emulator,
-                api_key=CHAOS_API_KEY,
-                s3_server=s3,
-                bucket=bucket,
-                workdir=tmp,
-                ledger_dir=tmp / "ledger",
-                prefect_home=Path(os.environ["PREFECT_HOME"]),
-                concurrency=concurrency,
-                webhook_items=webhook_items,
-                log=lambda m: print(f"[chaos] {m}", flush=True),
-            )
-    figures = result.figures()
-    figures["total_seconds"] = round(time.monotonic() - started, 1)
-    figures["concurrency"] = concurrency
-    figures["machine"] = f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores"
-    figures["date"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    argv = [sys.executable, "-m", "pytest", str(CASE), "-q", "-s", "-p", "no:cacheprovider"]
+    # the helpers' directory, and no per-test time limit (pyproject's 300 s is for CI tests)
+    argv += ["--rootdir", str(ROOT), "-o", f"pythonpath={ROOT / 'tests'}", "-o", "timeout=0"]
+    done = subprocess.run(argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL)
+    if not out.exists():
+        raise RuntimeError(f"the chaos scenario wrote no figures (pytest exit {done.returncode})")
+    figures: dict[str, Any] = json.loads(out.read_text())
     return figures
 
 
 MW_CONCURRENCY = 6  # per worker process (2 cores: 3 flow processes + server + emulator + S3)
-MW_S3_JITTER_MS = 20.0
 MW_SECTION = "workers sharing one ledger"  # RELIABILITY.md heading: "## <N> workers sharing..."
 
 
-def run_workers(items: int, n_workers: int, concurrency: int) -> dict[str, Any]:
-    """N worker processes on one manifest and one ledger, a SIGKILL, a rerun; see the doc."""
-    tmp = Path(tempfile.mkdtemp(prefix="eggapi-chaos-mw-"))
-    _setup_env(tmp)
-
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-    from pydantic import SecretStr
-
-    from multiworker_common import Batch, JitterProxy, Stack, judge, wait_until, workers
-    from prefect_eggapi.credentials import EggAPICredentials
-    from prefect_eggapi.testing.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
-    from prefect_eggapi.testing.local_s3 import LocalS3
-    from reliability_common import (
-        CLIENT_TIMEOUT,
-        MODERATION_WORD,
-        _terminal_remote_failure,
-        chaos_faults,
-        read_status,
-        write_manifest,
-    )
-
-    log = lambda m: print(f"[chaos-mw] {m}", flush=True)  # noqa: E731
-    config = EmulatorConfig(
-        api_keys={CHAOS_API_KEY: ApiKeyConfig(balance=Decimal("1000"), name="chaos")},
-        pending_seconds=0.05,
-        processing_seconds=0.3,
-        rate_limit_per_second=200,
-        moderation_word=MODERATION_WORD,
-    )
-    # the manifest of the single-process chaos run: moderated prompts, 5 broken lines
-    moderated = max(2, items // 25)
-    rows: list[dict[str, Any] | str] = []
-    prompts: dict[str, str] = {}
-    for i in range(items):
-        word = (
-            f" {MODERATION_WORD} scene"
-            if i % (items // moderated) == items // moderated - 1
-            else ""
-        )
-        prompts[f"m-{i:04d}"] = f"mw chaos item {i} a paper crane{word}"
-        rows.append({"id": f"m-{i:04d}", "prompt": prompts[f"m-{i:04d}"]})
-    broken = [
-        "{not json",
-        json.dumps({"id": "bad-model", "prompt": "x", "model": "dall-e"}),
-        json.dumps({"id": "m-0000", "prompt": "duplicate id"}),
-        json.dumps({"id": "no-prompt"}),
-        json.dumps({"id": "bad-url", "prompt": "x", "image_urls": ["ftp://nope/x.png"]}),
-    ]
-    for j, line in enumerate(broken):
-        rows.insert(1 + j * (items // len(broken)), line)
-    manifest = write_manifest(tmp / "chaos-mw.jsonl", rows)
-    prefix, run_key, block = "chaos-mw", f"chaos-mw-{items}-{int(time.time())}", "chaos-mw-creds"
-    kill_at = max(1, items // 3)
-
-    started = time.monotonic()
-    with (
-        EmulatorProcess(config) as emulator,
-        LocalS3(tmp / "s3-data") as s3_server,
-        prefect_test_harness(server_startup_timeout=90),
-    ):
-        bucket = s3_server.create_bucket("eggapi-chaos-mw")
-        EggAPICredentials(
-            api_key=SecretStr(CHAOS_API_KEY),
-            base_url=emulator.base_url,
-            timeout_seconds=CLIENT_TIMEOUT,  # timeout_after_create holds the answer longer
-        ).save(block, overwrite=True)
-        proxy = JitterProxy(s3_server.endpoint_url, MW_S3_JITTER_MS)  # workers only
-        stack = Stack(
-            emulator_url=emulator.base_url,
-            api_key=CHAOS_API_KEY,
-            s3_env={**s3_server.env(), **proxy.env()},
-            bucket=bucket,
-            prefix=prefix,
-            prefect_api_url=PREFECT_API_URL.value(),
-        )
-        s3 = s3_server.client()
-        ledger = f"s3://{bucket}/chaos-mw-ledger"
-        emulator.add_faults(chaos_faults(items))
-        try:
-            with workers(tmp / "procs", stack) as pool:
-
-                def start(name: str) -> Any:
-                    return pool.batch(
-                        name,
-                        manifest,
-                        run_key=run_key,
-                        ledger_uri=ledger,
-                        prefix=prefix,
-                        concurrency=concurrency,
-                        credentials_block=block,
-                        PREFECT_LOGGING_TO_API_BATCH_INTERVAL="2",
-                    )
-
-                batch_started = time.monotonic()
-                ws = [start(f"w{k}") for k in range(n_workers)]
-                victim = ws[1]
-                log(f"{n_workers} workers started; SIGKILL of {victim.name} at {kill_at} tasks")
-
-                def enough() -> bool:
-                    assert victim.alive(), f"{victim.name} ended before the kill:\n{victim.tail()}"
-                    return len(emulator.created_tasks(CHAOS_API_KEY)) >= kill_at
-
-                wait_until(enough, 600, f"{kill_at} created tasks", 0.2)
-                victim.kill()
-                at_kill = len(emulator.created_tasks(CHAOS_API_KEY))
-                killed_after = time.monotonic() - batch_started
-                log(f"killed {victim.name} with {at_kill} tasks created; restarting it")
-                ws.append(start(f"{victim.name}-restarted"))
-                survivors = [w for w in ws if w is not victim]
-                pool.wait_all(survivors, 900)
-                batch_seconds = time.monotonic() - batch_started
-                log(f"all workers done in {batch_seconds:.1f}s")
-                fired = dict(Counter(f["kind"] for f in emulator.audit()["faults_fired"]))
-                first_rows = read_status(s3, bucket, f"{prefix}/batches/{run_key}/status.jsonl")
-                common = dict(
-                    emulator=emulator,
-                    api_key=CHAOS_API_KEY,
-                    s3=s3,
-                    bucket=bucket,
-                    items=prompts,
-                    batches=[Batch(prefix, run_key, list(prompts))],
-                    expect_all_persisted=False,
-                    remote_failure=_terminal_remote_failure,
-                )
-                first = judge(  # clears the faults (downloads must see the real bytes)
-                    **common,
-                    reports=[w.reported_cost() for w in survivors],
-                    report_label="finished_runs",
-                    run_ids=[w.flow_run_id() for w in survivors],
-                    killed_run_ids=[victim.flow_run_id()],
-                )
-                before = len(emulator.created_tasks(CHAOS_API_KEY))
-                rerun = start("rerun")
-                pool.wait_all([rerun], 600)
-                rerun_new = len(emulator.created_tasks(CHAOS_API_KEY)) - before
-                final = judge(**common, reports=None)
-                if rerun_new:
-                    final.violations.insert(0, f"RERUN PAID: {rerun_new} new billable task(s)")
-                if rerun.reported_cost() not in (Decimal(0), None) or not rerun.result().get(
-                    "summary"
-                ):
-                    final.violations.append(f"rerun: {rerun.describe()}")
-                rows_after = read_status(s3, bucket, f"{prefix}/batches/{run_key}/status.jsonl")
-                runs = [w.describe() for w in pool.all]
-                run_ids = {w.name: w.flow_run_id() for w in pool.all}
-                logs = {w.name: str(w.dir) for w in pool.all}
-        finally:
-            proxy.close()
-
-    counts = Counter(r.get("id") for r in rows_after if r.get("id"))
-    unaccounted = sum(counts[i] != 1 for i in prompts)
-    broken_reported = sum(r["status"] == "broken" and bool(r.get("error")) for r in rows_after)
-    unaccounted += len(broken) - broken_reported
-    if unaccounted:
-        final.violations.append(f"{unaccounted} manifest line(s) not exactly once in status.jsonl")
-    fn, ff = first.numbers, final.numbers
-    violations = [f"first pass: {x}" for x in first.violations] + [
-        f"after rerun: {x}" for x in final.violations
-    ]
-    return {
-        "workers": n_workers,
-        "items": items,
-        "broken_lines": len(broken),
-        "concurrency_per_worker": concurrency,
-        "s3_jitter_ms": MW_S3_JITTER_MS,
-        "kill_at_tasks": kill_at,
-        "tasks_when_killed": at_kill,
-        "killed_after_seconds": round(killed_after, 1),
-        "batch_seconds": round(batch_seconds, 1),
-        "total_seconds": round(time.monotonic() - started, 1),
-        "faults_fired": fired,
-        "first_pass": {
-            "persisted": sum(r["status"] == "persisted" for r in first_rows),
-            "failed": dict(
-                Counter(
-                    (r.get("error") or {}).get("type", "?")
-                    for r in first_rows
-                    if r["status"] == "failed"
-                )
-            ),
-        },
-        "persisted": items - ff["items_not_persisted"],
-        "failed_by_type": ff.get("final_errors", {}),
-        "billable_tasks": ff["billable_tasks"],
-        "fresh_attempts_after_remote_failure": ff["fresh_attempts_after_remote_failure"],
-        "duplicates": ff["prompts_paid_more_than_once"],
-        "wrong_images": ff["items_with_another_jobs_image"],
-        "status_lines": len(rows_after),
-        "lines_unaccounted": unaccounted,
-        "billed_not_collected": ff["billed_not_collected"],
-        "billed_not_collected_unexplained": ff["billed_not_collected_unexplained"],
-        "uncollected_explained": final.notes,
-        "billed_usd": fn["billed_usd"],
-        "billed_usd_after_rerun": ff["billed_usd"],
-        "reported_by_finished_usd": fn.get("reported_by_finished_runs_usd"),
-        "killed_run_share_usd": fn.get("killed_runs_share_usd"),
-        "killed_run_paid_items": fn.get("killed_runs_paid_items"),
-        "status_objects_by_run": fn.get("items_by_run"),
-        "flow_run_ids": run_ids,
-        "rerun_new_tasks": rerun_new,
-        "runs": runs,
-        "worker_dirs": logs,
-        "violations": violations,
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
-def _catalogue_sizes() -> tuple[int, int]:
-    """Number of bad-input cases and of webhook attacks in the CI suite (imported, not copied)."""
-    try:
-        import test_reliability_inputs as inputs
-        import test_reliability_webhooks as webhooks
-
-        return len(inputs.CASES), len(webhooks.attacks("gen_xxxxxxxxxxxx")) + 1  # + replay
-    except Exception:  # pragma: no cover - the tests directory is part of the repo
-        return 0, 0
-
-
 def render(fig: dict[str, Any], ci_wall: str | None) -> str:
-    bad_inputs, attacks = _catalogue_sizes()
+    bad_inputs, attacks = fig.get("bad_input_cases", 0), fig.get("webhook_attacks", 0)
     faults = "\n".join(f"| `{k}` | {v} |" for k, v in sorted(fig["faults_fired"].items()))
     errors = ", ".join(f"{k} ×{v}" for k, v in sorted(fig["http_errors_served"].items()))
     reasons = ", ".join(f"{k} ×{v}" for k, v in sorted(fig["failed_reasons"].items())) or "none"
@@ -625,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.render:
             figures = json.loads(args.render.read_text())
         else:
-            figures = run_workers(args.items, args.workers, args.concurrency or MW_CONCURRENCY)
+            figures = run_case(args.items, args.workers, args.concurrency or MW_CONCURRENCY, 0)
         print(json.dumps(figures, indent=2, default=str))
         if args.json and not args.render:
             args.json.write_text(json.dumps(figures, indent=2, default=str))
@@ -639,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         figures = json.loads(args.render.read_text())
     else:
-        figures = run(args.items, args.concurrency, args.webhook_items)
+        figures = run_case(args.items, 1, args.concurrency, args.webhook_items)
     print(json.dumps(figures, indent=2, default=str))
     if args.json and not args.render:
         args.json.write_text(json.dumps(figures, indent=2, default=str))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -255,6 +256,8 @@ def measure(
                         spec["profile_path"] = str(profile_dir / f"profile-{tag}.txt")
                     before = key_requests(stack.emulator.audit(), stack.api_key)
                     out = run_child(module, spec, env, log_dir=log_dir)
+                    if log_dir is None:  # its SQLite API database: ~40 KiB per image
+                        shutil.rmtree(home, ignore_errors=True)
                     audit = stack.emulator.audit()
                     counts = diff_counts(key_requests(audit, stack.api_key), before)
                     completed = {

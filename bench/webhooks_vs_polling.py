@@ -20,11 +20,10 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-from _common import serve_asgi
-
 from prefect_eggapi.client import EggAPIClient
 from prefect_eggapi.client.polling import PollPolicy
 from prefect_eggapi.credentials import EggAPICredentials
+from prefect_eggapi.testing.asgi import serve_asgi
 from prefect_eggapi.testing.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
 from prefect_eggapi.testing.emulator.config import key_id
 from prefect_eggapi.webhooks.receiver import EggAPIReconciler, WebhookReceiver

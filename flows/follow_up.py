@@ -18,26 +18,28 @@ server start``, or the ephemeral/test server)::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+import yaml
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import DeploymentEventTrigger
+
+from prefect_eggapi.credentials import EggAPICredentials
+from prefect_eggapi.tasks.artifacts import artifact_key
 
 CHAINING_FILE = Path(__file__).resolve().parent.parent / "deployments" / "chaining.yaml"
 
 
 @flow(name="eggapi-follow-up", log_prints=False)
-def follow_up(task_id: str, event_id: str | None = None) -> dict[str, Any]:
+def follow_up(task_id: str, event_id: str | None = None) -> dict[str, object]:
     """Re-read the finished EggAPI task and report it (replace with your own next step)."""
-    from prefect_eggapi.credentials import EggAPICredentials
-    from prefect_eggapi.tasks.artifacts import artifact_key
-
     logger = get_run_logger()
     with EggAPICredentials().get_client() as client:
         task = client.get_task(task_id)
     urls = task.output.all_urls if task.output else []
     logger.info("EggAPI task %s is %s with %d output(s)", task.id, task.status.value, len(urls))
     # --- your next step here: persist to S3, notify, start an edit round, ...
-    summary = {
+    summary: dict[str, object] = {
         "task_id": task.id,
         "status": task.status.value,
         "urls": urls,
@@ -45,8 +47,6 @@ def follow_up(task_id: str, event_id: str | None = None) -> dict[str, Any]:
         "event_id": event_id,
     }
     try:
-        from prefect.artifacts import create_markdown_artifact
-
         create_markdown_artifact(
             key=artifact_key("eggapi-follow-up", task.id),
             markdown="\n".join([f"EggAPI task `{task.id}`: **{task.status.value}**", *urls]),
@@ -56,11 +56,8 @@ def follow_up(task_id: str, event_id: str | None = None) -> dict[str, Any]:
     return summary
 
 
-def chaining_triggers(path: Path = CHAINING_FILE) -> list[Any]:
+def chaining_triggers(path: Path = CHAINING_FILE) -> list[DeploymentEventTrigger]:
     """The deployment triggers declared for ``eggapi-follow-up`` in ``chaining.yaml``."""
-    import yaml
-    from prefect.events import DeploymentEventTrigger
-
     spec = yaml.safe_load(path.read_text())
     [deployment] = [d for d in spec["deployments"] if d["name"] == "eggapi-follow-up"]
     return [DeploymentEventTrigger(**trigger) for trigger in deployment["triggers"]]

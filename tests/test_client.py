@@ -8,6 +8,7 @@ sync client or, via ``asyncio.run``, on the async one. respx is scoped to the fa
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import io
 import json
@@ -26,13 +27,15 @@ import respx
 from PIL import Image
 from pydantic import SecretStr
 
-import prefect_eggapi.client._client as client_mod
+import prefect_eggapi.client._async as async_mod
+import prefect_eggapi.client._sync as sync_mod
 from prefect_eggapi.client import (
     AsyncEggAPIClient,
     DownloadResult,
     EggAPIClient,
     RetryPolicy,
 )
+from prefect_eggapi.client._wait import Wait
 from prefect_eggapi.client.errors import (
     AmbiguousSubmitError,
     APIConnectionError,
@@ -241,7 +244,7 @@ def make_api(mode: str, mock: respx.MockRouter) -> Iterator[Callable[..., Api]]:
 
 @pytest.fixture
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """Record the client's back-off sleeps instead of sleeping (client module only)."""
+    """Record the clients' back-off sleeps instead of sleeping (their I/O loops only)."""
     recorded: list[float] = []
 
     def fake_sleep(seconds: float) -> None:
@@ -250,10 +253,8 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     async def fake_asleep(seconds: float) -> None:
         recorded.append(seconds)
 
-    monkeypatch.setattr(
-        client_mod, "time", types.SimpleNamespace(sleep=fake_sleep, monotonic=time.monotonic)
-    )
-    monkeypatch.setattr(client_mod, "asyncio", types.SimpleNamespace(sleep=fake_asleep))
+    monkeypatch.setattr(sync_mod, "time", types.SimpleNamespace(sleep=fake_sleep))
+    monkeypatch.setattr(async_mod, "asyncio", types.SimpleNamespace(sleep=fake_asleep))
     return recorded
 
 
@@ -1378,8 +1379,6 @@ def test_partially_read_stream_has_no_result(mock: respx.MockRouter) -> None:
 
 
 def test_download_with_content_encoding_is_not_truncated(api: Api, mock: respx.MockRouter) -> None:
-    import gzip
-
     png = make_image("PNG", (400, 300))
     body = gzip.compress(png)
     mock.get(OUT_URL).mock(
@@ -1431,12 +1430,12 @@ def _aged(seconds: float, *, whole: bool) -> EggAPITask:
 def test_a_just_created_task_is_aged_by_our_clock_not_its_truncated_timestamp() -> None:
     with EggAPIClient("egg_sk_age_test_000001", "http://127.0.0.1:9") as api:
         # created 0.1 s ago, stamped up to a second earlier: the wait ages it from its own start
-        wait = client_mod._Wait(api, _aged(0.1, whole=True), 60, None, None)
+        wait = Wait(api, _aged(0.1, whole=True), 60, None, None)
         age = wait._age()
         assert age is not None and age < 0.05
-        old = client_mod._Wait(api, _aged(100, whole=False), 60, None, None)
+        old = Wait(api, _aged(100, whole=False), 60, None, None)
         assert old._age() == pytest.approx(100, abs=0.5)
         api.clock_offset = -30.0  # the server's clock runs 30 s behind ours
         assert api.durations.clock_offset == -30.0  # shared with every client of the key
-        behind = client_mod._Wait(api, _aged(100, whole=False), 60, None, None)
+        behind = Wait(api, _aged(100, whole=False), 60, None, None)
         assert behind._age() == pytest.approx(70, abs=0.5)

@@ -7,12 +7,20 @@ retry only when provably nothing was created — are checked here once for both.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Generator
 from typing import Any
 
 import httpx
 import pytest
 
-from prefect_eggapi.client._client import EggAPIClient, RetryPolicy, _Send, _Sleep
+from prefect_eggapi.client import (
+    DEFAULT_WAIT_TIMEOUT,
+    AsyncEggAPIClient,
+    EggAPIClient,
+    RetryPolicy,
+)
+from prefect_eggapi.client._core import Driver, Send, Sleep
 from prefect_eggapi.client.errors import AmbiguousSubmitError, APIValidationError
 from prefect_eggapi.client.types import GenerateRequest
 
@@ -42,7 +50,7 @@ def client() -> Any:
 def test_a_202_ends_the_submit_with_its_task(client: Any) -> None:
     op = client._generate_op(REQ)
     send = next(op)
-    assert isinstance(send, _Send) and (send.method, send.path) == ("POST", "/v1/generate")
+    assert isinstance(send, Send) and (send.method, send.path) == ("POST", "/v1/generate")
     assert send.json == REQ.to_payload()
     with pytest.raises(StopIteration) as done:
         op.send(answer(202, {"data": TASK, "error": None}))
@@ -54,8 +62,8 @@ def test_a_429_sleeps_and_posts_again_because_nothing_was_created(client: Any) -
     next(op)
     busy = {"data": None, "error": {"code": "RATE_LIMITED", "message": "slow down"}}
     sleep = op.send(answer(429, busy, **{"Retry-After": "3"}))
-    assert isinstance(sleep, _Sleep) and sleep.seconds >= 3
-    assert isinstance(op.send(None), _Send)  # the second POST
+    assert isinstance(sleep, Sleep) and sleep.seconds >= 3
+    assert isinstance(op.send(None), Send)  # the second POST
 
 
 def test_a_502_after_sending_is_ambiguous_and_never_posted_again(client: Any) -> None:
@@ -75,7 +83,7 @@ def test_a_timeout_after_sending_is_ambiguous_but_a_refused_connect_is_retried(
         op.throw(httpx.ReadTimeout("read timed out"))
     op = client._generate_op(REQ)
     next(op)
-    assert isinstance(op.throw(httpx.ConnectError("refused")), _Sleep)
+    assert isinstance(op.throw(httpx.ConnectError("refused")), Sleep)
 
 
 def test_a_400_is_final(client: Any) -> None:
@@ -93,6 +101,53 @@ def test_a_get_retries_5xx_up_to_the_policy_then_raises(client: Any) -> None:
     for _ in range(2):
         actions.append(op.send(answer(500, failed)))  # -> sleep
         actions.append(op.send(None))  # -> GET again
-    assert [type(a) for a in actions] == [_Send, _Sleep, _Send, _Sleep, _Send]
+    assert [type(a) for a in actions] == [Send, Sleep, Send, Sleep, Send]
     with pytest.raises(Exception, match="HTTP 500"):
         op.send(answer(500, failed))
+
+
+def test_the_driver_closes_its_operation_however_the_loop_ends() -> None:
+    """An I/O loop that dies mid-operation (a cancelled await) still closes it, at once: a
+    wait's ``finally`` is where it leaves the account's poll board."""
+    closed: list[str] = []
+
+    def op() -> Generator[Sleep, object, str]:
+        try:
+            yield Sleep(1.0)
+            return "never"
+        finally:
+            closed.append("closed")
+
+    with pytest.raises(KeyboardInterrupt), Driver(op()) as driver:
+        for _ in driver:
+            raise KeyboardInterrupt  # a BaseException: not thrown into the operation
+    assert closed == ["closed"]
+
+
+def test_the_driver_throws_a_failed_action_into_the_operation_and_returns_its_value() -> None:
+    seen: list[object] = []
+
+    def op() -> Generator[Sleep, object, str]:
+        try:
+            yield Sleep(1.0)
+        except httpx.ConnectError as exc:
+            seen.append(exc)
+        seen.append((yield Sleep(2.0)))
+        return "done"
+
+    with Driver(op()) as driver:
+        for action in driver:
+            assert isinstance(action, Sleep)
+            if action.seconds == 1.0:
+                driver.fail(httpx.ConnectError("refused"))
+            else:
+                driver.answer(True)
+    assert driver.result == "done"
+    assert isinstance(seen[0], httpx.ConnectError) and seen[1] is True
+
+
+@pytest.mark.parametrize("client_class", [EggAPIClient, AsyncEggAPIClient])
+def test_both_clients_wait_by_the_one_default_timeout(client_class: type) -> None:
+    """The tasks layer imports the default from the client package, so there is one."""
+    params = inspect.signature(client_class.wait_for_task).parameters
+    assert params["timeout"].default == DEFAULT_WAIT_TIMEOUT == 300.0

@@ -18,7 +18,9 @@ from pydantic import ValidationError
 from prefect_eggapi.client import EggAPIClient
 from prefect_eggapi.client.errors import InvalidRequestError
 from prefect_eggapi.client.types import (
+    EditFields,
     EggAPITask,
+    GenerateFields,
     GenerateRequest,
     TaskPage,
     TaskStatus,
@@ -469,3 +471,12 @@ def test_task_round_trips_through_json() -> None:
     again = EggAPITask.model_validate_json(task.model_dump_json())
     assert again == task
     assert httpx.Response(200, json={"data": G2_FAILED}).json()["data"]["id"] == task.id
+
+
+def test_the_client_keywords_name_every_request_field() -> None:
+    """``generate(**fields)`` / ``edit(urls, **fields)`` are typed by GenerateFields/EditFields:
+    a field added to the model must be added there too, or mypy would reject it at call sites."""
+    assert set(GenerateFields.__annotations__) | set(EditFields.__annotations__) == set(
+        GenerateRequest.model_fields
+    )
+    assert set(GenerateRequest.model_fields) - set(EditFields.__annotations__) == {"image_urls"}

@@ -7,6 +7,7 @@ test); the emulator is the session subprocess, driven in manual mode.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -25,14 +26,18 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import SecretStr
+from starlette.testclient import TestClient
 
 from asgi_server import free_port, serve_asgi
 from prefect_eggapi.client import EggAPIClient
 from prefect_eggapi.client.polling import PollPolicy
 from prefect_eggapi.client.types import EggAPITask, TaskStatus, WebhookPayload
+from prefect_eggapi.credentials import EggAPICredentials
+from prefect_eggapi.safety.ledger import SQLiteLedger
 from prefect_eggapi.testing.emulator import EmulatorProcess
 from prefect_eggapi.webhooks.receiver import EggAPIReconciler, WebhookReceiver
 from prefect_eggapi.webhooks.signals import SQLiteSignals
+from prefect_eggapi.webhooks.verify import new_nonce
 
 SECRET = "whsec_receiver_test_secret"
 OLD_SECRET = "whsec_receiver_previous_secret"
@@ -208,9 +213,6 @@ def test_a_signed_delivery_to_a_nonce_path_is_attributed_once_and_unsigned_never
 ) -> None:
     """``{path}/s/<nonce>``: signed and confirmed -> nonce -> task in the delivery log; a second
     task on the same nonce is refused (first wins); malformed nonces are 404; unsigned: nothing."""
-    from prefect_eggapi.safety.ledger import SQLiteLedger
-    from prefect_eggapi.webhooks.verify import new_nonce
-
     log = SQLiteLedger(tmp_path / "ledger.sqlite3")
     nonce, other = new_nonce(), new_nonce()
     rec = WebhookReceiver([SECRET], processor=fake, deliveries=log)
@@ -434,8 +436,6 @@ def api(emulator: EmulatorProcess, emulator_api_key: str) -> Iterator[EggAPIClie
 def live_receiver(
     emulator: EmulatorProcess, emulator_api_key: str, tmp_path: Path
 ) -> Iterator[tuple[WebhookReceiver, str]]:
-    from prefect_eggapi.credentials import EggAPICredentials
-
     credentials = EggAPICredentials(api_key=emulator_api_key, base_url=emulator.base_url)
     rec = WebhookReceiver(
         [SECRET],
@@ -597,7 +597,8 @@ def test_cross_process_receiver_cli_wakes_waits_here(
         assert stats["accepted"] == 1
         assert SECRET not in log_path.read_text()
     finally:
-        os.kill(process.pid, signal.SIGTERM)
+        if process.poll() is None:  # a receiver that died at start-up is reported above
+            os.kill(process.pid, signal.SIGTERM)
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
@@ -606,8 +607,6 @@ def test_cross_process_receiver_cli_wakes_waits_here(
 
 
 def test_signals_wake_async_waits_from_another_process(tmp_path: Path) -> None:
-    import asyncio
-
     path = tmp_path / "s.sqlite"
     signals = SQLiteSignals(path)
 
@@ -636,10 +635,6 @@ def test_signals_wake_async_waits_from_another_process(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
 def test_wrong_content_type_is_rejected_before_anything_else(content_type):
-    from starlette.testclient import TestClient
-
-    from prefect_eggapi.webhooks.receiver import WebhookReceiver
-
     seen: list[object] = []
     receiver = WebhookReceiver([SecretStr("whsec_ct_test")], processor=seen.append)
     headers = {} if content_type is None else {"content-type": content_type}

@@ -1,4 +1,9 @@
-"""Which failures Prefect retries: the taxonomy wired into retry_condition_fn."""
+"""Which failures Prefect retries: the taxonomy wired into retry_condition_fn.
+
+The three conditions differ by what a retry re-runs: a submit retry re-posts (through the
+ledger), a persist retry re-reads the same outputs, a generate retry re-runs the whole chain and
+so is the only one that can cure a failure of the remote task (as a fresh attempt).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from prefect_eggapi.client.errors import (
     BudgetExceededError,
     ContentModerationError,
     DownloadError,
+    EmptyOutputError,
     InsufficientBalanceError,
     OutputGoneError,
     TaskAbandonedError,
@@ -28,6 +34,7 @@ from prefect_eggapi.tasks import retry_generation, retry_submit, retry_transient
 NOW = datetime.now(UTC)
 FAILED = EggAPITask(id="gen_x", status=TaskStatus.FAILED, error="Upstream provider error")
 MODERATED = EggAPITask(id="gen_y", status=TaskStatus.FAILED, error="Content moderation: no")
+EMPTY = EggAPITask(id="gen_e", status=TaskStatus.COMPLETED)
 
 
 def client_error(code: str, status: int) -> ClientError:
@@ -46,7 +53,10 @@ CASES = [
     (TaskAbandonedError("gen_z", last_status="processing", waited_seconds=5), False, False, False),
     (OutputGoneError("gone", url="http://x/0.png", status_code=404), False, False, False),
     (UpstreamError("502"), True, True, True),
-    (TaskFailedError(FAILED), True, True, True),
+    # The remote task failed upstream or came back empty: only a fresh attempt can help, and
+    # only the whole chain starts one (a bare submit or persist would get the same task back).
+    (TaskFailedError(FAILED), False, False, True),
+    (EmptyOutputError(EMPTY), False, False, True),
     (DownloadError("truncated", url="http://x/0.png"), True, True, True),
     (
         AmbiguousSubmitError(
@@ -92,7 +102,38 @@ def test_retry_decisions(exc, submit, persist, generate):
 
 
 def test_a_state_without_an_exception_is_not_retried():
-    assert retry_submit(None, None, Failed(data="just a message")) is False
+    for condition in (retry_submit, retry_transient, retry_generation):
+        assert condition(None, None, Failed(data="just a message")) is False
+
+
+def test_the_three_conditions_are_told_apart():
+    """Each pair of conditions disagrees on some failure: none is an alias of another."""
+    decisions = {
+        name: tuple(c[i] for c in CASES)
+        for i, name in ((1, "submit"), (2, "persist"), (3, "generate"))
+    }
+    assert len(set(decisions.values())) == 3, decisions
+    ambiguous = Failed(data=CASES[[type(c[0]) for c in CASES].index(AmbiguousSubmitError)][0])
+    upstream = Failed(data=TaskFailedError(FAILED))
+    # submit vs persist: an ambiguous submit is reconciled by a submit retry only.
+    assert retry_submit(None, None, ambiguous) and not retry_transient(None, None, ambiguous)
+    # submit vs generate: an upstream failure of the remote task is retried by the chain only.
+    assert retry_generation(None, None, upstream) and not retry_submit(None, None, upstream)
+    assert not retry_transient(None, None, upstream)
+
+
+def test_moderation_is_terminal_even_for_the_whole_chain():
+    """A moderation refusal is a TaskFailedError too, but no retry (fresh attempt) may follow."""
+    moderated = Failed(data=ContentModerationError(MODERATED))
+    assert isinstance(ContentModerationError(MODERATED), TaskFailedError)
+    assert retry_generation(None, None, moderated) is False
+
+
+def test_conditions_show_what_they_are_in_prefect_logs():
+    """Prefect logs ``retry_condition_fn`` by repr: it names the condition and its classes."""
+    assert "retry_generation" in repr(retry_generation)
+    assert "remote_task=True" in repr(retry_generation)
+    assert "remote_task=False" in repr(retry_submit)
 
 
 def test_is_transient_s3_error_direct():

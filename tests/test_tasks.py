@@ -151,6 +151,23 @@ def test_upstream_failure_is_retried_as_a_fresh_attempt(eggapi_env, output_store
     assert entry is not None and entry.attempt == 2 and entry.state is EntryState.PERSISTED
 
 
+def test_empty_output_is_retried_as_a_fresh_attempt(eggapi_env, output_store, ledger_dir):
+    """A completed task without outputs: the chain's retry starts one fresh attempt (attempt 2
+    in the ledger), so exactly two tasks are billed and the second one's images are stored."""
+    eggapi_env.add_fault("empty_output", times=1)
+
+    @flow
+    def pipeline():
+        return generate_image.with_options(retry_delay_seconds=0)(REQ, output_store, label="e")
+
+    result = pipeline()
+    created = billable(eggapi_env)
+    assert len(created) == 2, created
+    assert result.task_id == created[1]["task_id"] and result.status == "completed"
+    entry = ledger(ledger_dir).find_task(result.task_id)
+    assert entry is not None and entry.attempt == 2 and entry.state is EntryState.PERSISTED
+
+
 def test_deadline_raises_abandoned_and_marks_ledger(eggapi_env, ledger_dir):
     eggapi_env.set_config(manual=True)
 
@@ -232,7 +249,7 @@ def test_sigkill_between_submit_and_completion_then_rerun_reconnects(
             """
             from prefect import flow
             from prefect_eggapi.client.types import GenerateRequest
-            from prefect_eggapi.tasks._tasks import submit_generation, wait_for_task
+            from prefect_eggapi.tasks import submit_generation, wait_for_task
 
             @flow
             def victim():

@@ -46,6 +46,8 @@ _GLOBAL: Registry[str, Limiter] = Registry("global-limit clients by limit name")
 
 def _global_limiter(name: str) -> Limiter:
     """One batching limiter per limit name per process, shared by all clients."""
+    # Deferred to break a cycle: importing prefect_eggapi.tasks runs its __init__, whose task
+    # modules import EggAPICredentials from this module (not yet defined at our import time).
     from prefect_eggapi.tasks.global_limit import GlobalRateLimiter
 
     return _GLOBAL.get(name, lambda: GlobalRateLimiter(name))

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from prefect_eggapi.cli._args import Subparsers, add_command
 from prefect_eggapi.testing.emulator.config import (
     DEFAULT_API_KEY,
     ApiKeyConfig,
@@ -25,6 +26,7 @@ from prefect_eggapi.testing.emulator.config import (
     FaultRule,
     mask_key,
 )
+from prefect_eggapi.testing.emulator.server import bind_socket, serve, url_for
 
 DESCRIPTION = """\
 Run a local EggAPI emulator (FastAPI + Pillow) on loopback: the same paths, envelopes, status
@@ -196,16 +198,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     logs.add_argument("--access-log", action="store_true", help="Log every request.")
 
 
-def configure_parser(subparsers: Any) -> argparse.ArgumentParser:
+def configure_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     """Add the ``emulator`` subcommand to ``subparsers`` (from ``add_subparsers()``)."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "emulator",
-        help="Run a local EggAPI emulator on loopback.",
+        summary="Run a local EggAPI emulator on loopback.",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        run=run,
     )
     add_arguments(parser)
-    parser.set_defaults(func=run)
     return parser
 
 
@@ -281,8 +283,6 @@ def _decimal(value: str) -> Decimal:
 
 def run(args: argparse.Namespace) -> int:
     """Serve in the foreground; prints the base URL and the environment to use."""
-    from prefect_eggapi.testing.emulator.server import bind_socket, serve, url_for
-
     try:
         config = build_config(args)
     except (ValueError, ValidationError, OSError) as exc:

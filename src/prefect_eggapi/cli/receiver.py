@@ -14,9 +14,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import uvicorn
 from prefect.events import emit_event
+from prefect.events.worker import EventsWorker
 from pydantic import SecretStr
 
+from prefect_eggapi.cli._args import Subparsers, add_command
 from prefect_eggapi.client.types import EggAPITask, WebhookPayload
 from prefect_eggapi.credentials import EggAPICredentials
 from prefect_eggapi.safety.ledger import (
@@ -75,11 +78,14 @@ Secrets come from the credentials block (webhook_secrets) and/or EGGAPI_WEBHOOK_
 """
 
 
-def configure_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+def configure_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
+    """Add the ``webhooks`` subcommand to ``subparsers`` (from ``add_subparsers()``)."""
+    parser = add_command(
+        subparsers,
         "webhooks",
-        help="Run the webhook receiver (verify, dedupe, re-read, emit Prefect events).",
+        summary="Run the webhook receiver (verify, dedupe, re-read, emit Prefect events).",
         description=DESCRIPTION,
+        run=run,
     )
     parser.add_argument("--host", default="127.0.0.1", help="Bind address (default: 127.0.0.1).")
     parser.add_argument(
@@ -134,7 +140,6 @@ def configure_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--no-events", action="store_true", help="Do not emit Prefect events (signals only)."
     )
     parser.add_argument("--log-level", default="info", help="Log level (default: info).")
-    parser.set_defaults(func=run)
     return parser
 
 
@@ -176,8 +181,6 @@ def build_receiver(args: argparse.Namespace) -> WebhookReceiver:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     try:
         receiver = build_receiver(args)
@@ -204,7 +207,5 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(receiver.processor, EggAPIReconciler):
             receiver.processor.close()
         if not args.no_events:
-            from prefect.events.worker import EventsWorker
-
             EventsWorker.drain_all()
     return 0

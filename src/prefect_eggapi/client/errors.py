@@ -10,12 +10,16 @@ Every error a caller can catch derives from :class:`EggAPIError`, storage errors
 (:class:`StorageError`), and carries one ``classification``: per class by default, per instance
 where only the failure itself can tell (an S3 call refused for permissions vs. a dropped
 connection). ``status_code`` is always the HTTP status that was really answered.
+
+Why one module of ~400 lines: it is the whole tree, about thirty small classes that callers
+``except`` on and that every layer imports from here; splitting it would scatter the hierarchy
+that the classification rules above are read against, for no other gain.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypedDict, Unpack
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -204,6 +208,18 @@ class NothingCreatedError(EggAPIError):
     classification = ErrorClass.RETRYABLE
 
 
+class LostSubmit(TypedDict):
+    """What a submit whose answer was lost sent, and when: what reconciliation matches
+    ``GET /v1/tasks`` against. The keywords of :class:`AmbiguousSubmitError` and
+    :class:`ReconciliationError`, written once for both."""
+
+    sent_at: datetime
+    failed_at: datetime
+    model: str
+    prompt: str
+    task_type: str
+
+
 class AmbiguousSubmitError(EggAPIError):
     """A submit may have created a task, but no task id came back.
 
@@ -214,25 +230,18 @@ class AmbiguousSubmitError(EggAPIError):
     classification = ErrorClass.AMBIGUOUS
 
     def __init__(
-        self,
-        message: str,
-        *,
-        sent_at: datetime,
-        failed_at: datetime,
-        model: str,
-        prompt: str,
-        task_type: str,
-        cause: BaseException | None = None,
+        self, message: str, *, cause: BaseException | None = None, **lost: Unpack[LostSubmit]
     ) -> None:
-        self.sent_at = sent_at
-        self.failed_at = failed_at
-        self.model = model
-        self.prompt = prompt
-        self.task_type = task_type
+        self.sent_at = lost["sent_at"]
+        self.failed_at = lost["failed_at"]
+        self.model = lost["model"]
+        self.prompt = lost["prompt"]
+        self.task_type = lost["task_type"]
         self.cause = cause
         super().__init__(
             f"submit outcome unknown ({message}); a task may have been created between "
-            f"{sent_at.isoformat()} and {failed_at.isoformat()}; not retried to avoid paying twice"
+            f"{self.sent_at.isoformat()} and {self.failed_at.isoformat()}; "
+            "not retried to avoid paying twice"
         )
 
 
@@ -303,9 +312,9 @@ class BudgetExceededError(EggAPIError):
 class ReconciliationError(AmbiguousSubmitError):
     """Reconciliation could not tell whether (or which) task the lost submit created."""
 
-    def __init__(self, message: str, *, evidence: str, **kwargs: Any) -> None:
+    def __init__(self, message: str, *, evidence: str, **lost: Unpack[LostSubmit]) -> None:
         self.evidence = evidence
-        super().__init__(f"{message}; {evidence}", **kwargs)
+        super().__init__(f"{message}; {evidence}", **lost)
 
 
 class DownloadError(EggAPIError):
@@ -402,9 +411,9 @@ def is_retryable(exc: BaseException) -> bool:
     return classify(exc) is ErrorClass.RETRYABLE
 
 
-def describe(exc: BaseException) -> dict[str, Any]:
+def describe(exc: BaseException) -> dict[str, str | int]:
     """A JSON-safe summary for ledgers and artifacts (never includes credentials)."""
-    out: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    out: dict[str, str | int] = {"type": type(exc).__name__, "message": str(exc)}
     out["classification"] = classify(exc).value
     for attr in ("task_id", "http_status", "error_code"):
         value = getattr(exc, attr, None)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any, Literal, Self
+from typing import Literal, Self, TypeAlias, TypedDict
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -31,6 +32,10 @@ MAX_NEGATIVE_PROMPT_CHARS = 1000
 MAX_IMAGE_URLS = 9
 MAX_OUTPUTS = 4
 MAX_WEBHOOK_URL_CHARS = 2048
+
+# What JSON can hold: request bodies and the ``data`` of a response envelope.
+JSONValue: TypeAlias = "str | int | float | bool | list[JSONValue] | dict[str, JSONValue] | None"
+JSONObject: TypeAlias = "dict[str, JSONValue]"
 
 
 def problems_from(exc: ValidationError) -> list[tuple[str, str]]:
@@ -62,14 +67,14 @@ class StrictModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __init__(self, **data: Any) -> None:
+    def __init__(self, **data: object) -> None:
         try:
             super().__init__(**data)
         except ValidationError as exc:
             raise InvalidRequestError(problems_from(exc), what=type(self).__name__) from None
 
     @classmethod
-    def parse(cls, data: Any) -> Self:
+    def parse(cls, data: object) -> Self:
         """Validate a mapping, raising :class:`InvalidRequestError` like the constructor."""
         if isinstance(data, cls):
             return data
@@ -101,7 +106,7 @@ class GenerateRequest(StrictModel):
 
     @field_validator("image_urls", mode="before")
     @classmethod
-    def _urls_sequence(cls, value: Any) -> Any:
+    def _urls_sequence(cls, value: object) -> object:
         if isinstance(value, str):
             raise ValueError("must be a list of URLs, not a single string")
         return value
@@ -126,9 +131,9 @@ class GenerateRequest(StrictModel):
     def task_type(self) -> str:
         return "image_edit" if self.image_urls else "image_generate"
 
-    def to_payload(self) -> dict[str, Any]:
+    def to_payload(self) -> JSONObject:
         """The JSON body: unset optional fields are left out so the server applies its defaults."""
-        body = self.model_dump(exclude_none=True)
+        body: JSONObject = self.model_dump(exclude_none=True)
         if not self.image_urls:
             body.pop("image_urls")
         else:
@@ -148,6 +153,26 @@ class GenerateRequest(StrictModel):
         }
         raw = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class EditFields(TypedDict, total=False):
+    """The keyword fields of ``edit(image_urls, **fields)``: a :class:`GenerateRequest`'s, less
+    the images. Typed once here so the clients' signatures name every field (mypy flags a typo)
+    while the values are still checked by the model, naming the field, before anything is paid."""
+
+    model: Model
+    prompt: str
+    negative_prompt: str | None
+    aspect_ratio: AspectRatio
+    num_outputs: int
+    resolution: Resolution | None
+    webhook_url: str | None
+
+
+class GenerateFields(EditFields, total=False):
+    """The keyword fields of ``generate(**fields)``: every :class:`GenerateRequest` field."""
+
+    image_urls: list[str] | tuple[str, ...]
 
 
 # --------------------------------------------------------------------------- responses
@@ -288,8 +313,6 @@ def __getattr__(name: str) -> type[EggAPITask]:
     # ``Task`` was this model's name in 0.1; it collided with Prefect's ``Task`` in user code.
     # Kept for one release, with a warning.
     if name == "Task":
-        import warnings
-
         warnings.warn(
             "prefect_eggapi.client.types.Task is deprecated; use EggAPITask",
             DeprecationWarning,

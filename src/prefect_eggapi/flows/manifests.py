@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from prefect_eggapi.client.errors import InvalidRequestError
 from prefect_eggapi.client.types import GenerateRequest
+from prefect_eggapi.flows._s3 import stream_object
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -148,11 +149,7 @@ def _lines(source: str, s3: S3Client | None) -> Iterator[_Line]:
         bucket, _, key = source[len("s3://") :].partition("/")
         if not bucket or not key:
             raise InvalidRequestError([("manifest", "must look like s3://bucket/key")])
-        body = s3.get_object(Bucket=bucket, Key=key)["Body"]
-        try:
-            yield from _split_lines(_read_chunks(body.read), MAX_LINE_BYTES)
-        finally:
-            body.close()
+        yield from _split_lines(stream_object(s3, bucket, key, CHUNK_BYTES), MAX_LINE_BYTES)
         return
     path = Path(source)
     if not path.is_file():

@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_TEMPLATES",
     "CallablePrompts",
     "ListPrompts",
+    "PromptInput",
     "PromptSource",
     "TemplatePrompts",
     "as_prompt_source",
@@ -168,8 +169,12 @@ def _import(path: str) -> Any:
     return obj
 
 
+# What a user may pass as a prompt source: see :func:`as_prompt_source`.
+PromptInput = PromptSource | Sequence[str] | Callable[..., Any] | str | None
+
+
 def as_prompt_source(
-    source: PromptSource | Sequence[str] | Callable[..., Any] | str | None,
+    source: PromptInput,
     *,
     count: int,
     seed: int = 0,

@@ -40,13 +40,13 @@ from prefect_eggapi.client.errors import (
 )
 from prefect_eggapi.client.types import EggAPITask, TaskStatus
 from prefect_eggapi.credentials import EggAPICredentials
-from prefect_eggapi.flows.batch import (
+from prefect_eggapi.flows.context import load_credentials, s3_settings
+from prefect_eggapi.flows.status import (
     ItemResult,
     batch_base,
     load_item_status,
     record_item_status,
 )
-from prefect_eggapi.flows.pipeline import _credentials, s3_settings
 from prefect_eggapi.safety.ledger import (
     EntryState,
     LedgerEntry,
@@ -56,6 +56,7 @@ from prefect_eggapi.safety.ledger import (
 )
 from prefect_eggapi.safety.submitter import Submitter, record_outcome
 from prefect_eggapi.storage import OutputStore, StoredImage, put_if, read_object
+from prefect_eggapi.tasks import download_outputs
 from prefect_eggapi.tasks.runtime import flow_run_id, in_thread, run_logger
 
 PENDING_STATES = {EntryState.ABANDONED, EntryState.SUBMITTED, EntryState.COMPLETED}
@@ -135,8 +136,6 @@ def _recover_one(
     summary: RecoverySummary,
 ) -> tuple[EggAPITask, list[StoredImage]] | None:
     """Store one task's outputs if it completed; (task, stored) when it did."""
-    from prefect_eggapi.tasks import download_outputs
-
     task: EggAPITask = client.get_task(task_id)
     summary.checked += 1
     if not task.is_terminal:
@@ -246,7 +245,7 @@ async def recover_outputs(
     """
     logger = run_logger()
     store = OutputStore.from_settings(s3_settings(bucket, prefix))
-    creds = await _credentials(credentials_block)
+    creds = await load_credentials(credentials_block)
     ledger = default_ledger(beside=store)
     summary = RecoverySummary()
     aside = OutputStore(store.client, store.bucket, f"{store.prefix}/unattributed".lstrip("/"))
@@ -268,7 +267,7 @@ async def recover_outputs(
                     if await in_thread(partial(_settle_item, store, entry, *done, run)):
                         summary.items_settled.append(entry.label)
             except Exception as exc:  # one bad item must not stop the sweep
-                summary.errors[task_id] = describe(exc)["message"]
+                summary.errors[task_id] = str(describe(exc)["message"])
                 logger.warning("Recovery of %s failed: %s", task_id, summary.errors[task_id])
             else:
                 if task_id in unattributed and task_id in summary.persisted:

@@ -1,15 +1,9 @@
 """Submit at most once per logical piece of work, whatever retries or crashes happen.
 
-The decision table (ledger state -> action) is the heart of "no money lost to duplicate jobs":
-
-=================  ===========================================================================
-no entry           claim (``submitting``), POST, record the task id
-submitted & later  reconnect to the recorded task; never POST again
-rejected           the API refused the POST, nothing exists: POST again
-failed             terminal failure (moderation): raise without paying; else a fresh attempt
-submitting         another live owner is posting: wait for it; owner dead/lease over: reconcile
-ambiguous          reconcile again (the list may have caught up)
-=================  ===========================================================================
+The decision table (ledger state, lane, reconciliation verdict -> action) is the heart of "no
+money lost to duplicate jobs"; it lives, without I/O, in :mod:`prefect_eggapi.safety.decisions`.
+This module carries it out: it reads and writes the ledger, holds the lanes, POSTs, reconciles
+and waits for deliveries.
 
 The task list shows no prompt, so a lost 202 can only be matched by model, type and time. Two
 POSTs of one model whose answers are lost together could not be told apart, so each *lane*
@@ -24,43 +18,51 @@ a lost answer that the task list cannot attribute (other traffic on the key, ove
 submits) is then settled by waiting for the delivery instead of failing.
 
 No Prefect imports: the Prefect tasks add names, logs, events and retries around this.
+The module is above the ~400-line mark because :class:`Submitter` is one state machine whose
+steps (claim, POST, record, reconcile, await a delivery) share its ledger, client, owner id and
+timings; its decisions, lanes and outcome recording are already modules of their own.
+``Lane``, ``submit_lane`` and ``record_outcome`` are importable from here too (their modules are
+``lanes`` and ``outcomes``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
 from prefect_eggapi.client import EggAPIClient
 from prefect_eggapi.client.errors import (
     AmbiguousSubmitError,
-    BudgetExceededError,
-    ContentModerationError,
     EggAPIError,
-    EmptyOutputError,
     InvalidRequestError,
     NothingCreatedError,
     ReconciliationError,
-    TaskAbandonedError,
-    TaskFailedError,
     describe,
 )
 from prefect_eggapi.client.pricing import estimate_cost
-from prefect_eggapi.client.registry import Registry
-from prefect_eggapi.client.types import (
-    MAX_WEBHOOK_URL_CHARS,
-    EggAPITask,
-    GenerateRequest,
-    TaskStatus,
+from prefect_eggapi.client.types import MAX_WEBHOOK_URL_CHARS, EggAPITask, GenerateRequest
+from prefect_eggapi.safety.decisions import (
+    Action,
+    Plan,
+    Siblings,
+    Step,
+    Verdict,
+    budget_refusal,
+    judge_siblings,
+    plan,
+    post_ended,
+    span,
+    step,
+    terminal_failure,
+    verdict,
 )
+from prefect_eggapi.safety.lanes import Lane, lane_name, submit_lane
 from prefect_eggapi.safety.ledger import (
     LIVE_STATES,
     EntryState,
@@ -71,8 +73,11 @@ from prefect_eggapi.safety.ledger import (
     owner_is_dead,
     with_conflict_retry,
 )
-from prefect_eggapi.safety.reconcile import DEFAULT_SKEW, UNKNOWN_OFFSET_SKEW, Span, reconcile
+from prefect_eggapi.safety.outcomes import record_outcome
+from prefect_eggapi.safety.reconcile import Reconciliation, Span, reconcile
 from prefect_eggapi.webhooks.verify import NONCE_SUFFIX_CHARS, new_nonce, with_nonce
+
+__all__ = ["Lane", "SubmitOutcome", "Submitter", "record_outcome", "submit_lane"]
 
 
 @dataclass
@@ -81,43 +86,6 @@ class SubmitOutcome:
     entry: LedgerEntry
     reconnected: bool = False  # an already recorded task was reused: nothing paid now
     adopted: bool = False  # found by reconciliation after an ambiguous submit
-
-
-@dataclass
-class _Plan:
-    action: str  # post | reconnect | reconcile | wait
-    entry: LedgerEntry
-
-
-class Lane:
-    """POSTs of one (account, model, type) in flight in this process, whose answers a lost 202
-    could confuse with each other. Each submitter brings its own width: it enters only while
-    fewer than that many POSTs (anyone's) are in flight."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._in_flight = 0
-
-    @contextmanager
-    def hold(self, width: int) -> Iterator[None]:
-        with self._cond:
-            while self._in_flight >= width:
-                self._cond.wait()
-            self._in_flight += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._in_flight -= 1
-                self._cond.notify_all()
-
-
-_LANES: Registry[tuple[str, str, str], Lane] = Registry("submit lanes by account, model, type")
-
-
-def submit_lane(account: str, model: str, task_type: str) -> Lane:
-    """The process's lane of ``(account, model, type)``."""
-    return _LANES.get((account, model, task_type), Lane)
 
 
 def _sha(text: str) -> str:
@@ -137,23 +105,20 @@ class _Replan(Exception):
     """Our claim was taken over (our lease ran out): read the entry again and re-plan."""
 
 
-def _post_ended(entry: LedgerEntry) -> datetime:
-    """Our clock: when the POST gave up, or the latest it can still be in flight."""
-    if entry.failed_at is not None:
-        return entry.failed_at
+def _unattributable(
+    message: str, evidence: str, entry: LedgerEntry, prompt: str, window: Span | None = None
+) -> ReconciliationError:
+    """The loud failure for a lost answer that cannot be settled, with what was seen."""
     now = datetime.now(UTC)
-    if entry.lease_until is not None:
-        return min(now, datetime.fromtimestamp(entry.lease_until, UTC))
-    return now
-
-
-def _span(entry: LedgerEntry, fallback_offset: float | None) -> Span:
-    """The server-time window in which ``entry``'s POST could have created its task."""
-    offset = entry.clock_offset if entry.clock_offset is not None else fallback_offset
-    skew = DEFAULT_SKEW if offset is not None else UNKNOWN_OFFSET_SKEW
-    shift = timedelta(seconds=offset or 0)
-    end = _post_ended(entry)
-    return (entry.sent_at or end) + shift - skew, end + shift + skew
+    return ReconciliationError(
+        message,
+        evidence=evidence,
+        sent_at=entry.sent_at or (window[0] if window else now),
+        failed_at=entry.failed_at or (window[1] if window else now),
+        model=entry.model,
+        prompt=prompt,
+        task_type=entry.task_type,
+    )
 
 
 class Submitter:
@@ -202,40 +167,22 @@ class Submitter:
         self.lane_seconds = self.lease_seconds + 4 * settle_seconds + sibling_wait_seconds + 30
         self.owner = owner_id()
 
-    # ------------------------------------------------------------------ decisions
+    # ------------------------------------------------------------------ helpers
 
-    def _plan(self, entry: LedgerEntry | None, fresh: LedgerEntry) -> _Plan:
-        if entry is None:
-            return _Plan("post", fresh)
-        if entry.state in LIVE_STATES:
-            return _Plan("reconnect", entry)
-        if entry.state is EntryState.REJECTED:
-            return _Plan("post", entry)
-        if entry.state is EntryState.FAILED:
-            if not entry.retryable:
-                error = entry.error or {}
-                failed = EggAPITask(
-                    id=entry.task_id or "unknown",
-                    status=TaskStatus.FAILED,
-                    error=error.get("task_error") or error.get("message"),
-                )
-                raise ContentModerationError(failed)
-            entry.attempt += 1
-            entry.history.append(f"attempt {entry.attempt}: fresh submit after retryable failure")
-            entry.task_id = None
-            entry.cost = None
-            # Nonces attribute within one attempt only: the failed attempt's delivery names the
-            # failed task, which must never be taken for the new attempt's.
-            if entry.nonces:
-                entry.history.append(f"attempt {entry.attempt - 1} nonces retired")
-                entry.nonces = []
-            return _Plan("post", entry)
-        if entry.state is EntryState.AMBIGUOUS:
-            return _Plan("reconcile", entry)
-        # SUBMITTING: someone may be mid-POST.
-        if entry.owner == self.owner or owner_is_dead(entry.owner) or entry.lease_expired():
-            return _Plan("reconcile", entry)
-        return _Plan("wait", entry)
+    @contextmanager
+    def _lane(self, model: str, task_type: str) -> Iterator[None]:
+        """Hold the lane of (account, model, type) in this process and in the ledger."""
+        account = self.client.account
+        with (
+            submit_lane(account, model, task_type).hold(self.lane_width),
+            self.ledger.lane(
+                lane_name(account, model, task_type),
+                width=self.lane_width,
+                owner=self.owner,
+                seconds=self.lane_seconds,
+            ),
+        ):
+            yield
 
     def _siblings(self, entry: LedgerEntry) -> list[tuple[LedgerEntry, Span]]:
         """Other unresolved submits of the same model and type, with their windows."""
@@ -245,18 +192,8 @@ class Submitter:
                 continue
             if other.model != entry.model or other.task_type != entry.task_type:
                 continue
-            out.append((other, _span(other, self.client.clock_offset)))
+            out.append((other, span(other, self.client.clock_offset, datetime.now(UTC))))
         return out
-
-    def _check_budget(self, entry: LedgerEntry, cap: Decimal | None) -> None:
-        if cap is None or not entry.scope:
-            return
-        held = self.ledger.scope_spend(entry.scope)
-        held -= entry.committed_spend if entry.version is not None else Decimal(0)
-        if held + entry.estimate > cap:
-            raise BudgetExceededError(
-                scope=entry.scope, cap=cap, committed=held, estimate=entry.estimate
-            )
 
     def _claim(self, entry: LedgerEntry, request: GenerateRequest) -> None:
         """Mark ``entry`` as being posted by us now (the caller writes it)."""
@@ -277,7 +214,8 @@ class Submitter:
         entry.state = EntryState.SUBMITTING
         entry.owner = self.owner
         entry.lease_until = time.time() + self.lease_seconds
-        entry.failed_at = _post_ended(entry)  # a dead owner's POST ended by now at the latest
+        # A dead owner's POST ended by now at the latest.
+        entry.failed_at = post_ended(entry, datetime.now(UTC))
 
     def _transition(self, entry: LedgerEntry, change: Callable[[LedgerEntry], None]) -> LedgerEntry:
         """Apply ``change`` to the stored entry if our claim on it still stands, else re-plan."""
@@ -329,20 +267,28 @@ class Submitter:
             estimate=estimate_cost(request),
         )
         wait_until = time.monotonic() + self.lease_seconds + 5
-        lane = submit_lane(self.client.account, request.model, request.task_type)
-        lane_name = f"{self.client.account}|{request.model}|{request.task_type}"
 
-        def decide() -> _Plan:
+        def decide() -> Plan:
             with self.ledger.transaction():
-                plan = self._plan(self.ledger.get(key), fresh.model_copy(deep=True))
-                if plan.action == "post":
-                    self._check_budget(plan.entry, budget)
-                    self._claim(plan.entry, request)
-                    self.ledger.put(plan.entry)
-                elif plan.action == "reconcile":
-                    self._take_over(plan.entry)
-                    self.ledger.put(plan.entry)
-                return plan
+                decided = plan(
+                    self.ledger.get(key),
+                    fresh.model_copy(deep=True),
+                    me=self.owner,
+                    now=time.time(),
+                    is_dead=owner_is_dead,
+                )
+                if decided.action is Action.FAIL:
+                    raise terminal_failure(decided.entry)
+                if decided.action is Action.POST:
+                    refusal = budget_refusal(decided.entry, budget, self.ledger.scope_spend)
+                    if refusal is not None:
+                        raise refusal
+                    self._claim(decided.entry, request)
+                    self.ledger.put(decided.entry)
+                elif decided.action is Action.RECONCILE:
+                    self._take_over(decided.entry)
+                    self.ledger.put(decided.entry)
+                return decided
 
         while True:
             current = self.ledger.get(key)
@@ -353,29 +299,20 @@ class Submitter:
             # Claim inside the lane, so the lease and the reconciliation window start when the
             # POST really can, not while queueing behind other submits.
             try:
-                with (
-                    lane.hold(self.lane_width),
-                    self.ledger.lane(
-                        lane_name,
-                        width=self.lane_width,
-                        owner=self.owner,
-                        seconds=self.lane_seconds,
-                    ),
-                ):
-                    plan = with_conflict_retry(decide)
-                    if plan.action == "post":
-                        return self._post(request, plan.entry, resubmit=True)
-                    if plan.action == "reconcile" or (
-                        plan.action == "wait" and time.monotonic() > wait_until
-                    ):
-                        return self._settle(request, plan.entry, resubmit=True)
+                with self._lane(request.model, request.task_type):
+                    decided = with_conflict_retry(decide)
+                    next_step = step(decided.action, waited_out=time.monotonic() > wait_until)
+                    if next_step is Step.POST:
+                        return self._post(request, decided.entry, resubmit=True)
+                    if next_step is Step.SETTLE:
+                        return self._settle(request, decided.entry, resubmit=True)
             except _Replan:
                 continue  # another worker took our claim over: see what it recorded
             except _AwaitDelivery as waiting:
                 self._await_delivery(waiting)
                 continue  # delivered: the ambiguous entry is settled from the delivery log
-            if plan.action == "reconnect":
-                return self._reconnect(plan.entry)
+            if next_step is Step.RECONNECT:
+                return self._reconnect(decided.entry)
             time.sleep(self.owner_wait_poll)  # another live owner is posting this key
 
     def _await_delivery(self, waiting: _AwaitDelivery) -> None:
@@ -405,17 +342,15 @@ class Submitter:
             task.type and task.type != entry.task_type
         )
         # Indexed to this entry is fine: a writer killed between the index and the entry write
-        # left it so. Earlier attempts cannot get here: their nonces are retired (see _plan).
+        # left it so. Earlier attempts cannot get here: their nonces are retired
+        # (decisions.fresh_attempt).
         if mismatch or owner not in (None, entry.key):
-            raise ReconciliationError(
+            raise _unattributable(
                 "the webhook delivery for this submission names a task that cannot be its own",
-                evidence=f"task {task_id}: model {task.model}, type {task.type}, recorded for "
+                f"task {task_id}: model {task.model}, type {task.type}, recorded for "
                 f"entry {owner or 'none'}",
-                sent_at=entry.sent_at or datetime.now(UTC),
-                failed_at=entry.failed_at or datetime.now(UTC),
-                model=entry.model,
-                prompt=prompt,
-                task_type=entry.task_type,
+                entry,
+                prompt,
             )
         return self._record_task(entry, task, "adopted from its webhook delivery")
 
@@ -426,7 +361,6 @@ class Submitter:
         entry = self.ledger.get(key)
         if entry is None or entry.state is not EntryState.AMBIGUOUS:
             return None
-        lane = submit_lane(self.client.account, entry.model, entry.task_type)
 
         def take() -> LedgerEntry:
             with self.ledger.transaction():
@@ -437,15 +371,7 @@ class Submitter:
                 self.ledger.put(current)
                 return current
 
-        with (
-            lane.hold(self.lane_width),
-            self.ledger.lane(
-                f"{self.client.account}|{entry.model}|{entry.task_type}",
-                width=self.lane_width,
-                owner=self.owner,
-                seconds=self.lane_seconds,
-            ),
-        ):
+        with self._lane(entry.model, entry.task_type):
             try:
                 taken = with_conflict_retry(take)
                 return self._settle(None, taken, resubmit=False)
@@ -528,61 +454,31 @@ class Submitter:
         delivered = self._delivery(entry)
         if delivered is not None:
             return self._adopt_delivered(entry, delivered, prompt)
-        window = _span(entry, self.client.clock_offset)
-        deadline = time.monotonic() + self.sibling_wait_seconds
-        while True:
-            siblings = self._siblings(entry)
-            result = reconcile(
-                self.client,
-                model=entry.model,
-                task_type=entry.task_type,
-                prompt=prompt,
-                window=window,
-                known=self.ledger.known_task_ids,
-                floor=entry.floor,
-                floor_ids=entry.floor_ids,
-                siblings=[span for _, span in siblings],
-                settle_seconds=self.settle_seconds,
-                own=lambda task_id: self.ledger.task_entry_key(task_id) == entry.key,
-            )
-            # Only a sibling whose own window holds the candidate could have made it.
-            made = result.task.created_at if result.task is not None else None
-            overlapping = [
-                other for other, span in siblings if made is not None and span[0] <= made <= span[1]
-            ]
-            if result.task is None or not overlapping:
-                break
-            in_flight = any(
-                other.state is EntryState.SUBMITTING
-                and not owner_is_dead(other.owner)
-                and not other.lease_expired()
-                for other in overlapping
-            )
-            # The one candidate may belong to a concurrent submit whose answer has not been
-            # recorded yet (or that is itself ambiguous): the task list shows no prompt, so
-            # adopting now could give this item another item's image. Let them settle first.
-            if not in_flight or time.monotonic() > deadline:  # ambiguous ones stay ambiguous
-                result.task = None
-                result.evidence.note = (
-                    f"{len(overlapping)} concurrent submit(s) of the same model are unresolved "
-                    "in this window; adopting could take another item's task"
-                )
-                break
-            time.sleep(self.owner_wait_poll)
-        if result.task is not None:
+        window = span(entry, self.client.clock_offset, datetime.now(UTC))
+        result = self._reconcile(entry, prompt, window)
+        decided = verdict(
+            found=result.task is not None,
+            nothing_created=result.nothing_created,
+            may_post=request is not None,
+            resubmit=resubmit,
+            webhook=bool(request is not None and request.webhook_url and entry.nonces),
+            delivery_wait_seconds=self.delivery_wait_seconds,
+        )
+        if decided is Verdict.ADOPT:
+            assert result.task is not None
             return self._record_task(entry, result.task, "adopted by reconciliation")
-        if result.nothing_created and resubmit and request is not None:
-            note = f"reconciliation proved nothing was created ({result.evidence})"
+        proof = f"reconciliation proved nothing was created ({result.evidence})"
+        if decided is Verdict.POST_AGAIN:
+            assert request is not None
 
             def reclaim(current: LedgerEntry) -> None:
-                current.history.append(note)
+                current.history.append(proof)
                 self._claim(current, request)
 
             return self._post(request, self._transition(entry, reclaim), resubmit=False)
-        if result.nothing_created and request is not None:
+        if decided is Verdict.NOTHING_CREATED:
             # Proven again, after the one re-post: nothing exists, so this entry must not stand
             # as an unresolved neighbour that blocks every later lost answer in its window.
-            proof = f"reconciliation proved nothing was created ({result.evidence})"
 
             def nothing(current: LedgerEntry) -> None:
                 current.state = EntryState.REJECTED
@@ -601,65 +497,52 @@ class Submitter:
 
         with contextlib.suppress(_Replan):
             entry = self._transition(entry, ambiguous)
-        error = ReconciliationError(
+        error = _unattributable(
             "could not tell whether the lost submit created a task",
-            evidence=str(result.evidence),
-            sent_at=entry.sent_at or window[0],
-            failed_at=entry.failed_at or window[1],
-            model=entry.model,
-            prompt=prompt,
-            task_type=entry.task_type,
+            str(result.evidence),
+            entry,
+            prompt,
+            window,
         )
-        webhooks = request is not None and request.webhook_url and entry.nonces
-        if webhooks and self.delivery_wait_seconds > 0:
+        if decided is Verdict.AWAIT_DELIVERY:
             raise _AwaitDelivery(entry, error)
         raise error
 
-
-def record_outcome(
-    ledger: LedgerStore,
-    task_id: str,
-    *,
-    task: EggAPITask | None = None,
-    error: BaseException | None = None,
-    outputs: list[dict[str, Any]] | None = None,
-    polls: int = 0,
-) -> LedgerEntry | None:
-    """Move the ledger entry of ``task_id`` forward after a wait or a persist."""
-    return with_conflict_retry(
-        lambda: _record_outcome(ledger, task_id, task, error, outputs, polls)
-    )
-
-
-def _record_outcome(
-    ledger: LedgerStore,
-    task_id: str,
-    task: EggAPITask | None,
-    error: BaseException | None,
-    outputs: list[dict[str, Any]] | None,
-    polls: int,
-) -> LedgerEntry | None:
-    with ledger.transaction():
-        entry = ledger.find_task(task_id)
-        if entry is None or entry.task_id != task_id:
-            return entry  # not ours, or an older attempt of an entry that moved on
-        entry.polls += polls
-        if outputs is not None:
-            entry.state = EntryState.PERSISTED
-            entry.outputs = outputs
-        elif isinstance(error, TaskAbandonedError):
-            entry.state = EntryState.ABANDONED
-            entry.error = describe(error)
-        elif isinstance(error, TaskFailedError | EmptyOutputError):
-            entry.state = EntryState.FAILED
-            entry.retryable = error.retryable
-            entry.error = {**describe(error), "task_error": error.task.error}
-            entry.cost = error.task.cost_amount
-        elif task is not None and task.status is TaskStatus.COMPLETED:
-            if entry.state is not EntryState.PERSISTED:
-                entry.state = EntryState.COMPLETED
-            entry.cost = task.cost_amount
-        else:
-            return entry
-        ledger.put(entry)
-        return entry
+    def _reconcile(self, entry: LedgerEntry, prompt: str, window: Span) -> Reconciliation:
+        """Reconcile against the task list; a candidate an unresolved sibling could have made is
+        waited for while that sibling is still posting, then not adopted (see
+        :func:`~prefect_eggapi.safety.decisions.judge_siblings`)."""
+        deadline = time.monotonic() + self.sibling_wait_seconds
+        while True:
+            siblings = self._siblings(entry)
+            result = reconcile(
+                self.client,
+                model=entry.model,
+                task_type=entry.task_type,
+                prompt=prompt,
+                window=window,
+                known=self.ledger.known_task_ids,
+                floor=entry.floor,
+                floor_ids=entry.floor_ids,
+                siblings=[other_span for _, other_span in siblings],
+                settle_seconds=self.settle_seconds,
+                own=lambda task_id: self.ledger.task_entry_key(task_id) == entry.key,
+            )
+            judged, overlapping = judge_siblings(
+                result.task.created_at if result.task is not None else None,
+                siblings,
+                now=time.time(),
+                is_dead=owner_is_dead,
+                past_deadline=time.monotonic() > deadline,
+            )
+            if judged is Siblings.CLEAR:
+                return result
+            if judged is Siblings.SUSPEND:
+                # The task list shows no prompt: adopting could give this item another's image.
+                result.task = None
+                result.evidence.note = (
+                    f"{overlapping} concurrent submit(s) of the same model are unresolved "
+                    "in this window; adopting could take another item's task"
+                )
+                return result
+            time.sleep(self.owner_wait_poll)

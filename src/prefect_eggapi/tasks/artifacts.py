@@ -27,7 +27,7 @@ from prefect.events import emit_event
 from pydantic import BaseModel
 
 from prefect_eggapi.client.pricing import format_cost
-from prefect_eggapi.client.types import EggAPITask
+from prefect_eggapi.client.types import EggAPITask, JSONValue
 from prefect_eggapi.tasks.gallery import GalleryCell, render_pages
 
 log = logging.getLogger(__name__)
@@ -48,11 +48,11 @@ def task_resource(task_id: str, **labels: str) -> dict[str, str]:
 
 
 def emit_task_event(
-    kind: str, task_id: str, *, task: EggAPITask | None = None, **payload: Any
+    kind: str, task_id: str, *, task: EggAPITask | None = None, **payload: JSONValue
 ) -> None:
     """``eggapi.task.<kind>`` with the EggAPI task as resource; never raises."""
     labels = {"model": task.model or "", "type": task.type or ""} if task else {}
-    body = {k: v for k, v in payload.items() if v is not None}
+    body: dict[str, JSONValue] = {k: v for k, v in payload.items() if v is not None}
     if task is not None:
         body.setdefault("status", task.status.value)
         if task.cost is not None:
@@ -145,13 +145,13 @@ def _reused(rows: Sequence[ReportRow]) -> int:
     return sum(r.paid is not None and r.paid < r.cost for r in rows)
 
 
-def report_table(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
+def report_table(rows: Sequence[ReportRow]) -> list[dict[str, JSONValue]]:
     """The run table: 7 narrow columns (an error column only when a row has one) and a total
     row, so it fits a 1366 px screen without scrolling; ``paid`` is what this run paid."""
     with_errors = any(r.error for r in rows)
-    table: list[dict[str, Any]] = []
+    table: list[dict[str, JSONValue]] = []
     for r in rows:
-        line: dict[str, Any] = {
+        line: dict[str, JSONValue] = {
             "item": r.label,
             "prompt": _short(r.prompt, _TABLE_PROMPT_CHARS),
             "status": r.status,
@@ -163,7 +163,7 @@ def report_table(rows: Sequence[ReportRow]) -> list[dict[str, Any]]:
         if with_errors:
             line["error"] = _short(r.error, _TABLE_ERROR_CHARS)
         table.append(line)
-    total: dict[str, Any] = dict.fromkeys(table[0] if table else (), "")
+    total: dict[str, JSONValue] = dict.fromkeys(table[0] if table else (), "")
     total.update(
         item="total",
         prompt=f"{len(rows)} tasks, {_reused(rows)} reused",

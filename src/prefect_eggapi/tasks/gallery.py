@@ -3,9 +3,9 @@
 A presigned URL expires (1 h by default) and a local S3 server stops, so a link alone is a broken
 picture next week. The gallery therefore embeds small thumbnails (WEBP, at most
 :data:`THUMB_MAX_SIDE` px, a few KB) as ``data:`` URIs in the markdown itself and keeps the
-full-size presigned link as an extra. Thumbnails are made from the *stored* bytes (what is really
-in the bucket), streamed through a spool file, with at most :data:`MAX_CONCURRENT_DECODES`
-images decoded at a time, so memory stays bounded whatever the batch size or resolution.
+full-size presigned link as an extra. The thumbnails come from
+:mod:`prefect_eggapi.tasks.thumbnails` (the stored bytes, in bounded memory; its names are
+re-exported here).
 
 Size limits, measured (see ``tests/test_gallery.py``): a cell costs about 1–2 KB with the
 emulator's images and at most ~8 KB with photo-like ones (thumbnail ≤ :data:`THUMB_MAX_BYTES`,
@@ -19,33 +19,35 @@ This module has no Prefect dependency: :mod:`prefect_eggapi.tasks.artifacts` pub
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import logging
 import re
 import shutil
-import tempfile
 import textwrap
-import threading
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
 from prefect_eggapi.client.pricing import format_cost
-
-if TYPE_CHECKING:
-    from PIL.Image import Image as PILImage
-
-    from prefect_eggapi.storage import OutputStore
+from prefect_eggapi.storage import OutputStore
+from prefect_eggapi.tasks.thumbnails import (
+    MAX_CONCURRENT_DECODES,
+    MAX_SOURCE_BYTES,
+    THUMB_MAX_BYTES,
+    THUMB_MAX_SIDE,
+    Thumbnail,
+    make_thumbnail,
+    object_chunks,
+    thumbnail_of,
+)
 
 __all__ = [
     "MAX_CELLS",
+    "MAX_CONCURRENT_DECODES",
+    "MAX_SOURCE_BYTES",
     "PAGE_CELLS",
+    "THUMB_MAX_BYTES",
     "THUMB_MAX_SIDE",
     "GalleryCell",
     "Thumbnail",
@@ -55,98 +57,11 @@ __all__ = [
     "write_local_gallery",
 ]
 
-log = logging.getLogger(__name__)
-
-THUMB_MAX_SIDE = 128
-#: A thumbnail is re-encoded at lower quality (then smaller) until it fits.
-THUMB_MAX_BYTES = 6 * 1024
-#: Images decoded at once in this process: a 4k RGBA PNG is ~68 MB of pixels.
-MAX_CONCURRENT_DECODES = 2
-#: Stored objects larger than this are not thumbnailed (never a memory or time sink).
-MAX_SOURCE_BYTES = 256 * 1024 * 1024
 PAGE_CELLS = 75
 MAX_CELLS = 3000
-_SPOOL_IN_MEMORY = 8 * 1024 * 1024
-_CHUNK = 1024 * 1024
 #: Characters per text line in a cell, and rounds per table: the page fits 1366 px.
 _LINE_CHARS = 30
 COLUMNS = 3
-_DECODES = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
-
-
-# ----------------------------------------------------------------------------------- thumbnails
-
-
-@dataclass(frozen=True)
-class Thumbnail:
-    """A small encoded image, ready to embed."""
-
-    data: bytes
-    mime: str
-    width: int
-    height: int
-
-    def data_uri(self) -> str:
-        return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
-
-
-def _encode(image: PILImage) -> Thumbnail:
-    """WEBP at falling quality (then 3/4 size) until it fits :data:`THUMB_MAX_BYTES`."""
-    data = b""
-    for scale, quality in ((1.0, 70), (1.0, 50), (1.0, 35), (0.75, 35)):
-        candidate = image
-        if scale != 1.0:
-            size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
-            candidate = image.resize(size)
-        buffer = io.BytesIO()
-        candidate.save(buffer, "WEBP", quality=quality, method=4)
-        data = buffer.getvalue()
-        if len(data) <= THUMB_MAX_BYTES:
-            return Thumbnail(data, "image/webp", candidate.width, candidate.height)
-    return Thumbnail(data, "image/webp", candidate.width, candidate.height)
-
-
-def _decode_small(fh: IO[bytes], max_side: int) -> PILImage:
-    from PIL import Image
-
-    with Image.open(fh) as image:
-        image.draft("RGB", (max_side, max_side))  # JPEG: decode at 1/2..1/8 scale
-        image.thumbnail((max_side, max_side), reducing_gap=3.0)
-        return image.convert("RGB")
-
-
-def make_thumbnail(chunks: Iterable[bytes], *, max_side: int = THUMB_MAX_SIDE) -> Thumbnail:
-    """A thumbnail of the image whose bytes ``chunks`` yields: spooled (at most
-    :data:`_SPOOL_IN_MEMORY` in RAM, the rest on disk), then decoded; at most
-    :data:`MAX_CONCURRENT_DECODES` of these run at once in a process, however many items are in
-    flight, so memory stays bounded (about 70 MB per slot for a 4k image)."""
-    with _DECODES, tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
-        size = 0
-        for chunk in chunks:
-            size += len(chunk)
-            if size > MAX_SOURCE_BYTES:
-                raise ValueError(f"image larger than {MAX_SOURCE_BYTES} bytes")
-            spool.write(chunk)
-        spool.seek(0)
-        return _encode(_decode_small(spool, max_side))
-
-
-def _object_chunks(store: OutputStore, key: str) -> Iterator[bytes]:
-    body = store.client.get_object(Bucket=store.bucket, Key=key)["Body"]
-    try:
-        yield from body.iter_chunks(_CHUNK)
-    finally:
-        body.close()
-
-
-def thumbnail_of(store: OutputStore, key: str) -> Thumbnail | None:
-    """The thumbnail of a stored object, or None when it cannot be read or decoded: the gallery
-    is telemetry, and a missing picture must not fail (or re-bill) the work it shows."""
-    try:
-        return make_thumbnail(_object_chunks(store, key))
-    except Exception:
-        log.debug("no thumbnail for s3://%s/%s", store.bucket, key, exc_info=True)
-        return None
 
 
 # ------------------------------------------------------------------------------------- gallery
@@ -339,44 +254,75 @@ def _copy_object(store: OutputStore, key: str, target: Path) -> None:
     """Stream one stored object to a local file (bounded memory)."""
     tmp = target.with_suffix(target.suffix + ".part")
     with tmp.open("wb") as fh:
-        for chunk in _object_chunks(store, key):
+        for chunk in object_chunks(store, key):
             fh.write(chunk)
     tmp.replace(target)
 
 
-def _html_cell(item: dict[str, Any], image: str) -> str:
+class _ManifestImage(BaseModel):
+    """What the local gallery reads of one image of a pipeline manifest (other fields ignored)."""
+
+    item: int
+    round: int
+    key: str
+    prompt: str = ""
+    cost: Decimal = Decimal("0")
+    task_id: str = ""
+    s3_uri: str = ""
+    sha256: str = ""
+
+
+class _Manifest(BaseModel):
+    """What the local gallery reads of a pipeline manifest (see ``flows.pipeline``)."""
+
+    items: list[_ManifestImage]
+    run_key: str = ""
+    model: str = ""
+    resolution: str | None = ""
+    aspect_ratio: str | None = ""
+    total_cost: Decimal = Decimal("0")
+    failed: list[str] = []
+
+
+def _html_cell(item: _ManifestImage, image: str) -> str:
     e = html.escape
     return (
-        f'<td><a href="{e(image)}"><img src="{e(image)}" alt="item {item["item"]} round '
-        f'{item["round"]}"></a><div class="prompt">{e(item["prompt"])}</div>'
-        f'<div class="meta">cost {e(format_cost(Decimal(str(item["cost"]))))} · '
-        f"{e(item['task_id'])}<br>{e(item['s3_uri'])}<br>sha256 {e(item['sha256'][:16])}…"
+        f'<td><a href="{e(image)}"><img src="{e(image)}" alt="item {item.item} round '
+        f'{item.round}"></a><div class="prompt">{e(item.prompt)}</div>'
+        f'<div class="meta">cost {e(format_cost(item.cost))} · '
+        f"{e(item.task_id)}<br>{e(item.s3_uri)}<br>sha256 {e(item.sha256[:16])}…"
         "</div></td>"
     )
 
 
-def write_local_gallery(manifest: dict[str, Any], store: OutputStore, directory: Path) -> Path:
+def write_local_gallery(
+    manifest: Mapping[str, object], store: OutputStore, directory: Path
+) -> Path:
     """Copy every image of a pipeline manifest into ``directory/images/`` and write
     ``directory/gallery.html`` showing them (items × rounds), so the run can be looked at after
-    the S3 server is gone. Returns the HTML file's path."""
+    the S3 server is gone. Returns the HTML file's path.
+
+    ``manifest`` is the manifest's JSON object; a malformed one raises pydantic's
+    ``ValidationError`` naming the field, before anything is written."""
+    run = _Manifest.model_validate(manifest)
     directory.mkdir(parents=True, exist_ok=True)
     images = directory / "images"
     if images.exists():
         shutil.rmtree(images)  # a gallery shows one run: no stale pictures of an earlier one
     images.mkdir()
-    items: list[dict[str, Any]] = sorted(manifest["items"], key=lambda i: (i["item"], i["round"]))
-    rounds = 1 + max((int(i["round"]) for i in items), default=0)
+    items = sorted(run.items, key=lambda i: (i.item, i.round))
+    rounds = 1 + max((i.round for i in items), default=0)
     rows: dict[int, dict[int, str]] = {}
     for item in items:
-        suffix = Path(item["key"]).suffix or ".img"
-        name = f"item-{item['item']}-round-{item['round']}{suffix}"
-        _copy_object(store, item["key"], images / name)
-        rows.setdefault(item["item"], {})[item["round"]] = _html_cell(item, f"images/{name}")
-    title = f"EggAPI pipeline {manifest.get('run_key', '')}"
+        suffix = Path(item.key).suffix or ".img"
+        name = f"item-{item.item}-round-{item.round}{suffix}"
+        _copy_object(store, item.key, images / name)
+        rows.setdefault(item.item, {})[item.round] = _html_cell(item, f"images/{name}")
+    title = f"EggAPI pipeline {run.run_key}"
     summary = (
-        f"{len(rows)} item(s) × {rounds} round(s) of {manifest.get('model', '')} "
-        f"{manifest.get('resolution', '')} {manifest.get('aspect_ratio', '')}; total cost "
-        f"{format_cost(Decimal(str(manifest.get('total_cost', '0'))))}. Round k edits round k−1."
+        f"{len(rows)} item(s) × {rounds} round(s) of {run.model} "
+        f"{run.resolution or ''} {run.aspect_ratio or ''}; total cost "
+        f"{format_cost(run.total_cost)}. Round k edits round k−1."
     )
     parts = [_HTML_HEAD.format(title=html.escape(title), summary=html.escape(summary))]
     parts.append(
@@ -388,9 +334,9 @@ def write_local_gallery(manifest: dict[str, Any], store: OutputStore, directory:
         cells = "".join(rows[number].get(r, "<td>—</td>") for r in range(rounds))
         parts.append(f"<tr><th>{number}</th>{cells}</tr>")
     parts.append("</table>")
-    if manifest.get("failed"):
+    if run.failed:
         parts.append("<h2>Failed</h2><ul>")
-        parts.extend(f"<li>{html.escape(str(f))}</li>" for f in manifest["failed"])
+        parts.extend(f"<li>{html.escape(f)}</li>" for f in run.failed)
         parts.append("</ul>")
     parts.append("</body></html>\n")
     page = directory / "gallery.html"

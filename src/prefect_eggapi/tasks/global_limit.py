@@ -13,6 +13,7 @@ import threading
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import rate_limit
+from prefect.exceptions import ObjectNotFound
 
 
 def ensure_global_rate_limit(
@@ -26,8 +27,6 @@ def ensure_global_rate_limit(
     if limit < 1:
         raise ValueError("burst must be >= 1")
     with get_client(sync_client=True) as client:
-        from prefect.exceptions import ObjectNotFound
-
         try:
             existing = client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:

@@ -1,7 +1,8 @@
-"""The run scope: which logical run a submit belongs to, for ledger keys and budgets.
+"""The run a step belongs to, its logger, and the threads its blocking work runs in.
 
-A flow retry keeps its flow run id, and two runs of one scheduled deployment slot share the slot;
-both must reconnect to the tasks already paid for rather than submit again.
+The run scope says which logical run a submit belongs to, for ledger keys and budgets: a flow
+retry keeps its flow run id, and two runs of one scheduled deployment slot share the slot; both
+must reconnect to the tasks already paid for rather than submit again.
 """
 
 from __future__ import annotations
@@ -13,13 +14,20 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
+from prefect import get_run_logger
+from prefect.context import FlowRunContext
+from prefect.exceptions import MissingContextError
+from prefect.runtime import deployment, flow_run
+
+from prefect_eggapi.client.registry import Registry
+
+__all__ = ["IO_THREADS", "flow_run_id", "in_thread", "io_pool", "run_logger", "run_scope"]
+
 R = TypeVar("R")
 
 
 def flow_run_id() -> str | None:
     """The current flow run's id (in this process), or None outside a flow run."""
-    from prefect.context import FlowRunContext
-
     ctx = FlowRunContext.get()
     return str(ctx.flow_run.id) if ctx is not None and ctx.flow_run is not None else None
 
@@ -29,8 +37,6 @@ def run_scope() -> str:
 
     Outside any flow run the scope is ``adhoc``: pass an explicit ``key`` there.
     """
-    from prefect.context import FlowRunContext
-
     ctx = FlowRunContext.get()
     if ctx is not None and ctx.flow_run is not None:
         # In-process: the run is in memory (prefect.runtime would ask the API every time).
@@ -38,9 +44,6 @@ def run_scope() -> str:
         if run.deployment_id and run.expected_start_time is not None:
             return f"deployment:{run.deployment_id}:{run.expected_start_time.isoformat()}"
         return f"flow-run:{run.id}"
-
-    from prefect.runtime import deployment, flow_run
-
     run_id = flow_run.id
     if not run_id:
         return "adhoc"
@@ -53,21 +56,38 @@ def run_scope() -> str:
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
     """The Prefect run logger inside a run; a plain logger when called outside one."""
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
     try:
         return get_run_logger()
     except MissingContextError:
         return logging.getLogger("prefect_eggapi")
 
 
-_IO_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="eggapi-io")
+#: Threads for blocking work of async steps, in this process. asyncio's default pool has
+#: ``cpu + 4`` threads, which throttled a batch's S3 calls to six at a time.
+IO_THREADS = 64
+
+_POOLS: Registry[str, concurrent.futures.ThreadPoolExecutor] = Registry(
+    "the thread pool of async steps' blocking work"
+)
+
+
+def _new_pool() -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=IO_THREADS, thread_name_prefix="eggapi-io"
+    )
+
+
+def io_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's pool, made on first use (importing the package starts no threads).
+
+    ``reset_process_state()`` forgets it: work already in it finishes, the next call makes a new
+    one, and the old one's idle threads exit with the process.
+    """
+    return _POOLS.get("io", _new_pool)
 
 
 async def in_thread(fn: Callable[[], R]) -> R:
     """Run blocking work (boto3, sqlite, a short POST) off the event loop, keeping the run
-    context (loggers, run ids) of the caller. A dedicated pool: asyncio's default has
-    ``cpu + 4`` threads, which throttled a batch's S3 calls to six at a time."""
+    context (loggers, run ids) of the caller."""
     ctx = contextvars.copy_context()
-    return await asyncio.get_running_loop().run_in_executor(_IO_POOL, ctx.run, fn)
+    return await asyncio.get_running_loop().run_in_executor(io_pool(), ctx.run, fn)

@@ -13,23 +13,32 @@ local gallery page (``./eggapi-demo/gallery.html`` by default, ``--gallery-dir``
 
 from __future__ import annotations
 
-import argparse
+import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from prefect_eggapi.flows.pipeline import PipelineSummary
-    from prefect_eggapi.testing.stack import LocalStack
+from prefect.server.api.server import SubprocessASGIServer
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
-__all__ = ["configure_parser", "run", "ui_hint", "ui_url"]
+from prefect_eggapi.client.imageinfo import sniff
+from prefect_eggapi.client.pricing import format_cost
+from prefect_eggapi.client.types import AspectRatio, Model, Resolution
+from prefect_eggapi.flows import PipelineSummary, image_pipeline
+from prefect_eggapi.tasks.gallery import write_local_gallery
+from prefect_eggapi.testing._process import alive_pids
+from prefect_eggapi.testing.stack import LocalStack
+
+__all__ = ["DemoError", "DemoOptions", "run_demo", "ui_hint", "ui_url"]
 
 DEMO_BUCKET = "eggapi-demo"
 DEFAULT_GALLERY_DIR = Path("eggapi-demo")
@@ -38,63 +47,27 @@ DEMO_EDITS = (
     "add gently falling snow",
 )
 
-DESCRIPTION = """\
-Run the image pipeline end to end on the local stack: prompts -> EggAPI generation -> edit
-rounds -> S3 (+ manifest) -> Prefect artifacts. Everything runs on this machine (emulator,
-SeaweedFS, ephemeral Prefect) and is stopped at the end. Exit status 0 on success.
-"""
 
+@dataclass(frozen=True)
+class DemoOptions:
+    """What to run (``prefect-eggapi demo``'s options: :mod:`prefect_eggapi.cli.demo`)."""
 
-def configure_parser(subparsers: Any) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "demo",
-        help="Run the image pipeline end to end on the local stack (the main job).",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--count", type=int, default=3, help="Prompts (default: 3).")
-    parser.add_argument(
-        "--rounds", type=int, default=2, choices=range(0, 3), help="Edit rounds (default: 2)."
-    )
-    parser.add_argument(
-        "--model", default="nanobanana-pro", choices=["nanobanana-pro", "nanobanana"]
-    )
-    parser.add_argument("--resolution", default="1k", choices=["1k", "2k", "4k"])
-    parser.add_argument("--aspect-ratio", default="16:9", choices=["16:9", "9:16"])
-    parser.add_argument("--seed", type=int, default=7, help="Prompt sampler seed.")
-    parser.add_argument("--concurrency", type=int, default=4)
-    parser.add_argument(
-        "--pending-seconds", type=float, default=0.3, help="Emulator: time a task stays pending."
-    )
-    parser.add_argument(
-        "--processing-seconds",
-        type=float,
-        default=1.5,
-        help="Emulator: time a task stays processing.",
-    )
-    parser.add_argument(
-        "--presigned-inputs",
-        action="store_true",
-        help="Edit from presigned URLs of the stored objects instead of EggAPI output URLs.",
-    )
-    parser.add_argument("--no-rerun", action="store_true", help="Skip the idempotent-rerun check.")
-    parser.add_argument(
-        "--gallery-dir",
-        type=Path,
-        default=DEFAULT_GALLERY_DIR,
-        help="Where to write gallery.html and a copy of every image, to look at after the demo "
-        "(default: ./eggapi-demo).",
-    )
-    parser.add_argument(
-        "--no-gallery", action="store_true", help="Do not write the local gallery page."
-    )
-    parser.add_argument("--verbose", action="store_true", help="Show Prefect's task-level logs.")
-    parser.set_defaults(func=run)
-    return parser
+    count: int = 3
+    rounds: int = 2
+    model: Model = "nanobanana-pro"
+    resolution: Resolution = "1k"
+    aspect_ratio: AspectRatio = "16:9"
+    seed: int = 7
+    concurrency: int = 4
+    pending_seconds: float = 0.3
+    processing_seconds: float = 1.5
+    presigned_inputs: bool = False
+    rerun: bool = True
+    gallery_dir: Path | None = DEFAULT_GALLERY_DIR  # None: no local gallery
 
 
 class DemoError(RuntimeError):
-    pass
+    """The demo ran but what it checks did not hold (objects, cost, idempotent rerun)."""
 
 
 def _say(message: str = "") -> None:
@@ -103,8 +76,6 @@ def _say(message: str = "") -> None:
 
 def _verify_objects(stack: LocalStack, summary: PipelineSummary, manifest: dict[str, Any]) -> int:
     """Download every image: sha256 of the bytes == metadata == manifest, size and pixels match."""
-    from prefect_eggapi.client.imageinfo import sniff
-
     client = stack.output_store().client
     checked = 0
     for item in manifest["items"]:
@@ -135,8 +106,6 @@ def _verify_objects(stack: LocalStack, summary: PipelineSummary, manifest: dict[
 
 
 def _read_manifest(stack: LocalStack, uri: str) -> dict[str, Any]:
-    import json
-
     key = uri.split("/", 3)[3]
     body = stack.output_store().client.get_object(Bucket=stack.bucket, Key=key)["Body"].read()
     data: dict[str, Any] = json.loads(body)
@@ -153,8 +122,6 @@ def _object_count(stack: LocalStack) -> int:
 
 def _write_gallery(stack: LocalStack, manifest: dict[str, Any], directory: Path) -> Path:
     """The run's images copied next to a local HTML page, while the S3 server still runs."""
-    from prefect_eggapi.tasks.gallery import write_local_gallery
-
     page = write_local_gallery(manifest, stack.output_store(), directory)
     return page.resolve()
 
@@ -167,13 +134,8 @@ def ui_url(api_url: str) -> str:
     a trailing ``/api``.
     """
     ui: str | None = None
-    try:
-        from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
-
-        if (PREFECT_API_URL.value() or "").rstrip("/") == api_url.rstrip("/"):
-            ui = PREFECT_UI_URL.value()
-    except Exception:  # pragma: no cover - Prefect settings moved
-        ui = None
+    if (PREFECT_API_URL.value() or "").rstrip("/") == api_url.rstrip("/"):
+        ui = PREFECT_UI_URL.value()
     if not ui:
         ui = api_url.rstrip("/").removesuffix("/api")
     return ui.rstrip("/")
@@ -193,10 +155,6 @@ def ui_hint(api_url: str | None) -> list[str]:
 def _stop_ephemeral_prefect() -> list[int]:
     """Stop Prefect's ephemeral API server(s) now (not at interpreter exit); their PIDs."""
     pids: list[int] = []
-    try:
-        from prefect.server.api.server import SubprocessASGIServer
-    except Exception:  # pragma: no cover - Prefect internals moved
-        return pids
     for server in list(getattr(SubprocessASGIServer, "_instances", {}).values()):
         process = getattr(server, "server_process", None)
         if process is not None:
@@ -206,12 +164,12 @@ def _stop_ephemeral_prefect() -> list[int]:
     return pids
 
 
-def run(args: argparse.Namespace) -> int:
+def run_demo(args: DemoOptions) -> int:
+    """The whole demo; returns the exit status (0: everything ran and checked out).
+
+    How loud Prefect is was decided when it was imported (``prefect-eggapi demo`` keeps the
+    terminal quiet unless ``--verbose``: :mod:`prefect_eggapi.cli.demo`)."""
     started = time.monotonic()
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    if not args.verbose:
-        # Quiet terminal, full run logs in the Prefect UI/API.
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     ledger_dir = tempfile.mkdtemp(prefix="eggapi-demo-ledger-")
     saved_env = {
         k: os.environ.get(k)
@@ -235,8 +193,6 @@ def run(args: argparse.Namespace) -> int:
     os.environ["EGGAPI_LEDGER_DIR"] = ledger_dir
     for k in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
         os.environ.pop(k, None)
-
-    from prefect_eggapi.testing.stack import LocalStack
 
     stack = LocalStack(
         bucket=DEMO_BUCKET,
@@ -263,14 +219,6 @@ def run(args: argparse.Namespace) -> int:
             f"  up in {timings['stack start']:.1f} s"
         )
         os.environ.update(stack.env())
-
-        import asyncio
-
-        from prefect.settings import PREFECT_API_URL
-
-        from prefect_eggapi.client.pricing import format_cost
-        from prefect_eggapi.flows import image_pipeline
-
         api_url = PREFECT_API_URL.value()
         where = api_url or "an ephemeral Prefect API server (started now, stopped at the end)"
         _say(f"Running the pipeline on {where} ...")
@@ -309,11 +257,11 @@ def run(args: argparse.Namespace) -> int:
         )
         if billed != summary.total_cost:
             raise DemoError(f"report total {summary.total_cost} != emulator billed {billed}")
-        if not args.no_gallery:
+        if args.gallery_dir is not None:
             page = _write_gallery(stack, manifest, args.gallery_dir)
             _say(f"Gallery (works after the demo stopped S3): {page}")
 
-        if not args.no_rerun:
+        if args.rerun:
             objects_before = _object_count(stack)
             t = time.monotonic()
             again: PipelineSummary = asyncio.run(image_pipeline(**params))
@@ -344,8 +292,6 @@ def run(args: argparse.Namespace) -> int:
         stack.stop()
         prefect_pids = _stop_ephemeral_prefect()
         timings["stop"] = time.monotonic() - t
-        from prefect_eggapi.testing.stack import alive_pids
-
         left = alive_pids(pids + prefect_pids)
         names = ", ".join(
             f"{n} {p}"

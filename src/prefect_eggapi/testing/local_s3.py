@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import string
 import subprocess
@@ -36,7 +35,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from secrets import choice, token_urlsafe
-from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 import boto3
@@ -45,6 +43,7 @@ from botocore.exceptions import ClientError
 from pydantic import SecretStr
 
 from prefect_eggapi.storage import S3Settings
+from prefect_eggapi.testing._process import ChildProcess, terminate
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -127,7 +126,7 @@ def _random_access_key() -> str:
     return "EGG" + "".join(choice(alphabet) for _ in range(17))
 
 
-class LocalS3:
+class LocalS3(ChildProcess):
     """A SeaweedFS ``weed mini`` process serving S3 on 127.0.0.1, with generated credentials.
 
     ``LocalS3()`` starts the server and blocks until S3 answers signed requests. Use it as a
@@ -156,7 +155,7 @@ class LocalS3:
         self._socket_dir: Path | None = None
         self._access_key = access_key or _random_access_key()
         self._secret_key = secret_key or token_urlsafe(30)
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self.startup_seconds: float | None = None
         master, volume, filer, s3, admin = _pick_ports(5)
@@ -171,6 +170,9 @@ class LocalS3:
 
     # -- properties -----------------------------------------------------------------------------
 
+    def _not_started(self) -> Exception:
+        return LocalS3Error("the server was never started")
+
     @property
     def endpoint_url(self) -> str:
         return f"http://{_HOST}:{self._s3_port}"
@@ -182,12 +184,6 @@ class LocalS3:
     @property
     def secret_key(self) -> str:
         return self._secret_key
-
-    @property
-    def pid(self) -> int:
-        if self._proc is None:
-            raise LocalS3Error("the server was never started")
-        return self._proc.pid
 
     @property
     def data_dir(self) -> Path:
@@ -202,14 +198,10 @@ class LocalS3:
         """HTTP port of each component; its gRPC port is that plus 10000."""
         return dict(self._ports)
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def __repr__(self) -> str:
         return (
             f"LocalS3(endpoint_url={self.endpoint_url!r}, access_key={self._access_key!r}, "
-            f"pid={self._proc.pid if self._proc else None}, data_dir={str(self._data_dir)!r})"
+            f"pid={self._process.pid if self._process else None}, data_dir={str(self._data_dir)!r})"
         )
 
     # -- start ----------------------------------------------------------------------------------
@@ -266,7 +258,7 @@ class LocalS3:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         started = time.monotonic()
         try:
-            self._proc = subprocess.Popen(
+            self._process = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                 cwd=self._data_dir, env=env, start_new_session=True,
             )  # fmt: skip
@@ -280,8 +272,8 @@ class LocalS3:
         answered = False
         last_error = "no answer yet"
         while time.monotonic() < deadline:
-            assert self._proc is not None
-            code = self._proc.poll()
+            assert self._process is not None
+            code = self._process.poll()
             if code is not None:
                 raise LocalS3Error(
                     f"weed mini exited with status {code} during start-up; "
@@ -387,16 +379,8 @@ class LocalS3:
         """
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        if self._process is not None:
+            terminate(self._process, timeout, 10)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -416,14 +400,3 @@ class LocalS3:
         self.stop()
         self._start(timeout)
         atexit.register(self.stop)
-
-    def __enter__(self) -> LocalS3:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -7,13 +7,12 @@ environment the pipeline reads (:meth:`LocalStack.env`): ``EGGAPI_API_KEY``, ``E
 stops both processes by PID (SIGTERM, then SIGKILL) and is idempotent. The demo, the tests and
 ``prefect-eggapi stack`` use this same code.
 
-``prefect-eggapi stack`` prints ``export`` lines, waits for Ctrl-C or SIGTERM, then stops both.
-No Prefect imports here.
+:func:`serve_stack` is ``prefect-eggapi stack`` (its options: :mod:`prefect_eggapi.cli.stack`):
+it prints ``export`` lines, waits for Ctrl-C or SIGTERM, then stops both. No Prefect imports.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import shlex
@@ -21,45 +20,47 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any
+from types import FrameType
+from typing import Any, Self
 
-if TYPE_CHECKING:
-    from prefect_eggapi.storage import OutputStore, S3Settings
-    from prefect_eggapi.testing.emulator import EmulatorProcess
-    from prefect_eggapi.testing.local_s3 import LocalS3
+from prefect_eggapi.storage import (
+    OutputStore,
+    S3Settings,
+    validate_bucket_name,
+    validate_prefix,
+)
+from prefect_eggapi.testing import local_s3
+from prefect_eggapi.testing._process import Stoppable, alive_pids
+from prefect_eggapi.testing.emulator import (
+    DEFAULT_API_KEY,
+    ApiKeyConfig,
+    EmulatorConfig,
+    EmulatorProcess,
+)
+from prefect_eggapi.testing.local_s3 import LocalS3
 
-__all__ = ["DEFAULT_BUCKET", "LocalStack", "LocalStackError", "configure_parser", "run"]
+__all__ = [
+    "DEFAULT_BUCKET",
+    "DEFAULT_PREFIX",
+    "LocalStack",
+    "LocalStackError",
+    "alive_pids",
+    "export_lines",
+    "serve_stack",
+]
 
 DEFAULT_BUCKET = "eggapi-local"
 DEFAULT_PREFIX = "eggapi"
-
-
-def alive_pids(pids: list[int]) -> list[int]:
-    """The PIDs that still run; an unreaped zombie counts as gone."""
-    alive = []
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-        except (ProcessLookupError, PermissionError):
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-        except OSError:
-            continue
-        alive.append(pid)
-    return alive
 
 
 class LocalStackError(RuntimeError):
     """The local stack could not start (a component failed; both are stopped again)."""
 
 
-class LocalStack:
+class LocalStack(Stoppable):
     """EggAPI emulator + SeaweedFS S3 + one bucket, all on 127.0.0.1.
 
     Usage::
@@ -88,9 +89,6 @@ class LocalStack:
         emulator_log_path: str | os.PathLike[str] | None = None,
         startup_timeout: float = 30.0,
     ) -> None:
-        from prefect_eggapi.storage import validate_bucket_name, validate_prefix
-        from prefect_eggapi.testing.emulator import DEFAULT_API_KEY
-
         self.bucket = validate_bucket_name(bucket, field="bucket")
         self.prefix = validate_prefix(prefix, field="prefix")
         self.api_key = api_key or DEFAULT_API_KEY
@@ -109,13 +107,10 @@ class LocalStack:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> LocalStack:
+    def start(self) -> Self:
         """Start both servers in parallel and create the bucket; stops both on any failure."""
         if self.emulator is not None or self.s3 is not None:
             return self
-        from prefect_eggapi.testing.emulator import ApiKeyConfig, EmulatorConfig, EmulatorProcess
-        from prefect_eggapi.testing.local_s3 import LocalS3
-
         started = time.monotonic()
         config = EmulatorConfig(
             api_keys={self.api_key: ApiKeyConfig(balance=self.balance, name="local-stack")},
@@ -128,7 +123,8 @@ class LocalStack:
 
         def start_s3() -> None:
             try:
-                self.s3 = LocalS3(self.data_dir, startup_timeout=self.startup_timeout)
+                # Through the module: a test replaces local_s3.LocalS3 to simulate a failure.
+                self.s3 = local_s3.LocalS3(self.data_dir, startup_timeout=self.startup_timeout)
             except BaseException as exc:
                 errors.append(exc)
 
@@ -191,17 +187,6 @@ class LocalStack:
             and self.s3.running
         )
 
-    def __enter__(self) -> LocalStack:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # -- use ------------------------------------------------------------------------------------
 
     def _require(self) -> tuple[EmulatorProcess, LocalS3]:
@@ -238,12 +223,10 @@ class LocalStack:
         return self._require()[1].settings(self.bucket, self.prefix, **kwargs)
 
     def output_store(self) -> OutputStore:
-        from prefect_eggapi.storage import OutputStore
-
         return OutputStore.from_settings(self.settings())
 
     @contextlib.contextmanager
-    def environment(self) -> Any:
+    def environment(self) -> Iterator[dict[str, str]]:
         """Temporarily export :meth:`env` into ``os.environ`` (restored on exit)."""
         values = self.env()
         saved = {k: os.environ.get(k) for k in values}
@@ -262,106 +245,29 @@ class LocalStack:
         return f"LocalStack(bucket={self.bucket!r}, {state}, pids={self._pids})"
 
 
-# ------------------------------------------------------------------------------------------------
-# The `stack` subcommand
-# ------------------------------------------------------------------------------------------------
-
-DESCRIPTION = """\
-Start the local stack: the EggAPI emulator and a real S3 server (SeaweedFS) on free loopback
-ports, with a bucket. Prints the environment to export in another shell (then run flows, e.g.
-python flows/image_pipeline.py), and stops both cleanly on Ctrl-C or SIGTERM.
-"""
-
-
-def configure_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``stack`` subcommand to ``subparsers`` (from ``add_subparsers()``)."""
-    parser: argparse.ArgumentParser = subparsers.add_parser(
-        "stack",
-        help="Run the emulator + local S3 (SeaweedFS) until Ctrl-C; print the env to export.",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--bucket", default=DEFAULT_BUCKET, help="Bucket to create.")
-    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="EGGAPI_S3_PREFIX to export.")
-    parser.add_argument(
-        "--pending-seconds", type=float, default=1.0, help="Emulator: time a task stays pending."
-    )
-    parser.add_argument(
-        "--processing-seconds",
-        type=float,
-        default=3.0,
-        help="Emulator: time a task stays processing.",
-    )
-    parser.add_argument(
-        "--api-key",
-        type=_api_key,
-        default=None,
-        metavar="KEY",
-        help="The API key the emulator accepts and EGGAPI_API_KEY exports (default: the public "
-        "test key). Use it to run the testing kit with the key your code or CI already has.",
-    )
-    parser.add_argument("--balance", default="100", help="Emulator key balance in USD.")
-    parser.add_argument(
-        "--png-noise",
-        action="store_true",
-        help="Emulator: random-pixel outputs (realistic, large files).",
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="Keep S3 data here (default: a temporary directory removed on stop).",
-    )
-    parser.add_argument(
-        "--env-file",
-        type=Path,
-        default=None,
-        help="Also write the export lines to this file (mode 600), e.g. to `source` it.",
-    )
-    parser.set_defaults(func=run)
-    return parser
-
-
-def _api_key(value: str) -> str:
-    """A key the emulator can authenticate: sent as ``Bearer KEY``, so no spaces and not empty."""
-    if not value or any(ch.isspace() or ord(ch) < 32 for ch in value):
-        raise argparse.ArgumentTypeError("the API key must be non-empty, without spaces")
-    return value
-
-
 def export_lines(env: dict[str, str]) -> list[str]:
     return [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
 
 
-def run(args: argparse.Namespace) -> int:
-    """Start, print the exports, wait for Ctrl-C/SIGTERM, stop. Returns the exit status."""
+def serve_stack(stack: LocalStack, *, env_file: Path | None = None) -> int:
+    """Start ``stack``, print the exports (and write them to ``env_file``, mode 600), wait for
+    Ctrl-C or SIGTERM, stop. Returns the exit status (``prefect-eggapi stack``)."""
     stop_event = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop_event.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    stack: LocalStack | None = None
     try:
         try:
-            stack = LocalStack(
-                bucket=args.bucket,
-                prefix=args.prefix,
-                api_key=args.api_key,
-                balance=args.balance,
-                pending_seconds=args.pending_seconds,
-                processing_seconds=args.processing_seconds,
-                png_noise=args.png_noise,
-                data_dir=args.data_dir,
-            )
             stack.start()
         except Exception as exc:
             print(f"stack: {exc}", file=sys.stderr)
             return 1
         env = stack.env()
         lines = export_lines(env)
-        if args.env_file is not None:
-            fd = os.open(args.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if env_file is not None:
+            fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write("\n".join(lines) + "\n")
         print(
@@ -384,12 +290,11 @@ def run(args: argparse.Namespace) -> int:
         print("Stopping the local stack ...", flush=True)
         return 0
     finally:
-        if stack is not None:
-            stack.stop()
-            left = stack.alive_pids()
-            if left:  # pragma: no cover - a broken stop()
-                print(f"stack: processes still alive: {left}", file=sys.stderr)
-            else:
-                print("Local stack stopped.", flush=True)
+        stack.stop()
+        left = stack.alive_pids()
+        if left:  # pragma: no cover - a broken stop()
+            print(f"stack: processes still alive: {left}", file=sys.stderr)
+        else:
+            print("Local stack stopped.", flush=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -6,11 +6,11 @@ anything else), verifies ``X-EggAPI-Signature`` over exactly those bytes with
 ``tolerance`` seconds both ways), refuses a replayed ``(timestamp, signature)`` pair within the
 tolerance window, deduplicates on ``(task_id, status)``, and answers ``202`` at once. Everything
 slow happens after the answer, in a worker thread: the task is re-read with
-``GET /v1/tasks/{id}`` (the payload is never trusted) and, when the API confirms a terminal
-status, ``eggapi.task.completed`` / ``eggapi.task.failed`` is emitted as a Prefect event with
-resource ``eggapi.task.<id>`` by the ``prefect-eggapi webhooks`` command (:mod:`prefect_eggapi.
-receiver_cli`; this module imports no Prefect). Waits in other processes wake through
-:class:`SQLiteSignals`.
+``GET /v1/tasks/{id}`` (the payload is never trusted; see :mod:`.reconciler`) and, when the API
+confirms a terminal status, ``eggapi.task.completed`` / ``eggapi.task.failed`` is emitted as a
+Prefect event with resource ``eggapi.task.<id>`` by the ``prefect-eggapi webhooks`` command
+(:mod:`prefect_eggapi.cli.receiver`; this module imports no Prefect). Waits in other processes
+wake through :class:`SQLiteSignals`.
 
 Deliveries to ``{path}/s/<nonce>`` (the per-submission URL the submitter sends, see
 :func:`prefect_eggapi.webhooks.verify.with_nonce`) are *attributions*: once the signature
@@ -39,7 +39,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import SecretStr
 from starlette.applications import Starlette
@@ -48,11 +48,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from prefect_eggapi.client import DEFAULT_BASE_URL, EggAPIClient
-from prefect_eggapi.client.types import EggAPITask, WebhookPayload
-from prefect_eggapi.safety.ledger import (
-    DeliveryLog,
-)
+from prefect_eggapi.client.types import WebhookPayload
+from prefect_eggapi.safety.ledger import DeliveryLog
+from prefect_eggapi.webhooks.reconciler import ClientSource, EggAPIReconciler, PayloadProcessor
 from prefect_eggapi.webhooks.signals import SQLiteSignals
 from prefect_eggapi.webhooks.verify import (
     DEFAULT_TOLERANCE_SECONDS,
@@ -65,6 +63,8 @@ from prefect_eggapi.webhooks.verify import (
     verify,
 )
 
+# ClientSource, EggAPIReconciler and PayloadProcessor live in ``reconciler``; re-exported here,
+# where they were first imported from.
 __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_PATH",
@@ -90,75 +90,6 @@ _MAX_REMEMBERED = 100_000
 def secrets_from_env(name: str = SECRETS_ENV) -> list[SecretStr]:
     """Comma-separated secrets from an environment variable (current first, then previous)."""
     return coerce_secrets([s for s in os.environ.get(name, "").split(",") if s.strip()])
-
-
-class PayloadProcessor(Protocol):
-    """What the receiver does with a verified, new delivery, after it has answered."""
-
-    def __call__(self, payload: WebhookPayload) -> EggAPITask | None:
-        """Return the re-read terminal task, or None if the API does not confirm it."""
-        ...
-
-
-class ClientSource(Protocol):
-    """Anything that builds a client: an ``EggAPICredentials`` block, for one."""
-
-    def get_client(self) -> EggAPIClient: ...
-
-
-class _FromEnvironment:
-    """``EGGAPI_API_KEY`` / ``EGGAPI_BASE_URL``, as the credentials block reads them."""
-
-    def get_client(self) -> EggAPIClient:
-        key = os.environ.get("EGGAPI_API_KEY", "")
-        if not key:
-            raise ValueError("EGGAPI_API_KEY is empty: the receiver cannot re-read tasks")
-        return EggAPIClient(key, os.environ.get("EGGAPI_BASE_URL") or DEFAULT_BASE_URL)
-
-
-Announce = Callable[[EggAPITask, WebhookPayload], None]
-
-
-class EggAPIReconciler:
-    """Re-reads the task with ``GET /v1/tasks/{id}`` and announces it when it is terminal.
-
-    Args:
-        source: what builds the API client (an ``EggAPICredentials`` block; default: the
-            ``EGGAPI_API_KEY`` / ``EGGAPI_BASE_URL`` variables).
-        announce: called with each confirmed task, e.g. to emit a Prefect event (the
-            ``prefect-eggapi webhooks`` command passes one); never fails the receiver.
-    """
-
-    def __init__(
-        self, source: ClientSource | None = None, *, announce: Announce | None = None
-    ) -> None:
-        self._source: ClientSource = source or _FromEnvironment()
-        self.announce = announce
-        self._client: EggAPIClient | None = None
-        self._lock = threading.Lock()
-
-    def _http(self) -> EggAPIClient:
-        with self._lock:
-            if self._client is None:
-                self._client = self._source.get_client()
-            return self._client
-
-    def __call__(self, payload: WebhookPayload) -> EggAPITask | None:
-        task = self._http().get_task(payload.task_id)
-        if not task.is_terminal:
-            return None
-        if self.announce is not None:
-            try:
-                self.announce(task, payload)
-            except Exception:  # telemetry must not fail the receiver
-                log.warning("could not announce %s", task.id, exc_info=True)
-        return task
-
-    def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
 
 
 class WebhookReceiver:

@@ -82,9 +82,10 @@ config, the CLI (``--fault-rate NAME=RATE --fault-seed N``) or ``PATCH /_emulato
 
 from __future__ import annotations
 
+from .admin import EmulatorAdmin
 from .app import create_app
 from .config import DEFAULT_API_KEY, ApiKeyConfig, EmulatorConfig, FaultRule
-from .server import EmulatorAdmin, EmulatorProcess
+from .server import EmulatorProcess
 
 __all__ = [
     "DEFAULT_API_KEY",

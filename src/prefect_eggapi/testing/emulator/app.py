@@ -1,4 +1,10 @@
-"""The FastAPI application: EggAPI routes, admin routes, envelopes and fault responses."""
+"""The FastAPI application: EggAPI routes, admin routes, envelopes and fault responses.
+
+Why one module of ~470 lines: it is the emulator's HTTP surface, read side by side with
+``docs/eggapi-api.md`` (one route per documented endpoint, then the ``/_emulator`` admin
+routes); the envelope and fault helpers serve those routes only. Validation, faults, state and
+images already live in their own modules.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .config import EmulatorConfig, FaultRule, key_id
 from .faults import DOWNLOAD_KINDS, POST_CREATE_KINDS, PRE_KINDS, FiredFault
 from .inputs import FETCH_HEADER
-from .state import COMPLETED, ApiError, EmulatorState, Task
+from .records import COMPLETED, ApiError, Task
+from .state import EmulatorState
 from .validation import RequestError, parse_generate_body
 
 logger = logging.getLogger("prefect_eggapi.testing.emulator")

@@ -51,7 +51,8 @@ import httpx
 from .faults import WEBHOOK_KINDS
 
 if TYPE_CHECKING:
-    from .state import EmulatorState, Task
+    from .records import Task
+    from .state import EmulatorState
 
 logger = logging.getLogger("prefect_eggapi.testing.emulator.webhooks")
 

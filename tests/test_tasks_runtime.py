@@ -1,0 +1,47 @@
+"""The I/O pool of async steps: made on first use, owned by the process registry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import subprocess
+import sys
+import threading
+
+from prefect_eggapi.client.registry import reset_process_state
+from prefect_eggapi.tasks.runtime import IO_THREADS, in_thread, io_pool
+
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="none")
+
+
+def test_importing_the_tasks_makes_no_pool():
+    code = (
+        "import gc, concurrent.futures as cf\n"
+        "import prefect_eggapi.tasks\n"
+        "pools = [o for o in gc.get_objects() if isinstance(o, cf.ThreadPoolExecutor)\n"
+        "         and o._thread_name_prefix == 'eggapi-io']\n"
+        "print(len(pools))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
+
+
+def test_one_pool_per_process_until_reset():
+    first = io_pool()
+    assert io_pool() is first and first._max_workers == IO_THREADS
+    reset_process_state()
+    second = io_pool()
+    assert second is not first and io_pool() is second
+
+
+def test_in_thread_runs_in_the_pool_with_the_callers_context():
+    def where() -> tuple[str, str]:
+        return threading.current_thread().name, _CALLER.get()
+
+    async def main() -> tuple[str, str]:
+        _CALLER.set("the task run")
+        return await in_thread(where)
+
+    name, caller = asyncio.run(main())
+    assert name.startswith("eggapi-io") and caller == "the task run"
