@@ -14,9 +14,9 @@ import pytest
 
 from prefect_eggapi.client import AsyncEggAPIClient, EggAPIClient
 from prefect_eggapi.client import board as board_module
-from prefect_eggapi.client.board import PollBoard
+from prefect_eggapi.client.board import PollBoard, RawTaskPage
 from prefect_eggapi.client.polling import PollPolicy
-from prefect_eggapi.client.types import EggAPITask, TaskPage, TaskStatus
+from prefect_eggapi.client.types import EggAPITask, TaskStatus
 from prefect_eggapi.testing.emulator import EmulatorProcess
 
 T0 = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -42,15 +42,15 @@ class FakeLister:
         self.fail: Exception | None = None
         self.closed = threading.Event()
 
-    def list_tasks(self, page: int = 1, per_page: int = 20) -> TaskPage:
+    def list_task_dicts(self, page: int, per_page: int) -> RawTaskPage:
         self.pages.append(page)
         if self.fail is not None:
             raise self.fail
         start = (page - 1) * per_page
         total = len(self.tasks)
-        return TaskPage.model_validate(
+        return RawTaskPage.from_data(
             {
-                "items": [t.model_dump() for t in self.tasks[start : start + per_page]],
+                "items": [t.model_dump(mode="json") for t in self.tasks[start : start + per_page]],
                 "pagination": {
                     "page": page,
                     "per_page": per_page,
@@ -168,6 +168,50 @@ def test_crowded_polls_are_served_by_one_list_page(clock: FakeClock) -> None:
     assert [t.status.value for t in results if t] == ["processing", "completed", "completed"]
     assert lister.pages == [1]
     assert board.stats.served == 3 and board.stats.lists == 1
+
+
+def test_only_the_wanted_items_of_a_page_are_validated(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16: a 100-task page for two waits validates the two (and the last item, for its
+    date), not all 100; what the waits get is the task a full validation gives."""
+    tasks = [task(i, "completed" if i % 2 else "processing") for i in range(100)]
+    lister = FakeLister(tasks)
+    validated: list[object] = []
+    real = board_module._task_of
+
+    def counting(item: dict[str, object]) -> EggAPITask | None:
+        validated.append(item.get("id"))
+        return real(item)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(board_module, "_task_of", counting)
+    board = clock.watch(PollBoard(lambda: lister))
+    ids = ["gen_000000000041", "gen_000000000098"]
+    for tid in ids:
+        board.register(tid, T0)
+    got = poll_all(board, clock, ids)
+    assert got == [tasks[41], tasks[98]]
+    assert lister.pages == [1]
+    assert sorted(map(str, validated)) == sorted([*ids, "gen_000000000000"])  # + the last one
+
+
+def test_an_unparsable_item_does_not_cost_the_page(clock: FakeClock) -> None:
+    """Items are parsed one by one: a malformed one is skipped (its own wait would GET it)."""
+    lister = FakeLister([task(1), task(2)])
+    good = lister.list_task_dicts
+
+    def with_garbage(page: int, per_page: int) -> RawTaskPage:
+        raw = good(page, per_page)
+        items = [{"id": "gen_000000000003", "created_at": "not a date"}, *raw.items]
+        return RawTaskPage(items, raw.total_pages)
+
+    lister.list_task_dicts = with_garbage  # type: ignore[method-assign]
+    board = clock.watch(PollBoard(lambda: lister))
+    ids = ["gen_000000000001", "gen_000000000002", "gen_000000000003"]
+    for tid in ids:
+        board.register(tid, T0)
+    got = poll_all(board, clock, ids)
+    assert [t.id if t else None for t in got] == [*ids[:2], None]
 
 
 def test_a_lone_wait_is_not_crowded_and_a_lone_poll_is_handed_back() -> None:

@@ -160,3 +160,82 @@ def test_the_any_check_can_fail(tmp_path: Path) -> None:
         "class C:\n    def m(self) -> 'dict[str, Any]': ...\n"
     )
     assert any_in_public_signatures(pkg) == ["client/x.py:f(**kw)", "client/x.py:C.m(return)"]
+
+
+# --------------------------------------------------------------------------- one S3 surface
+
+S3_METHODS = {
+    "get_object",
+    "put_object",
+    "head_object",
+    "head_bucket",
+    "delete_object",
+    "delete_objects",
+    "list_objects_v2",
+    "get_paginator",
+    "upload_fileobj",
+    "download_fileobj",
+    "copy_object",
+    "create_multipart_upload",
+    "generate_presigned_url",
+}
+# Where S3 calls may be made: the storage package, the S3 ledger (itself an S3 store, below the
+# storage API it would otherwise have to go through) and the local S3 server of the testing kit.
+S3_CALLERS = ("storage/", "safety/ledger/s3.py", "testing/")
+
+
+def s3_calls_outside_storage(root: Path) -> list[str]:
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(S3_CALLERS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in S3_METHODS
+            ):
+                found.append(f"{rel}:{node.lineno}: {node.func.attr}")
+    return found
+
+
+def test_every_s3_call_goes_through_the_storage_package() -> None:
+    assert s3_calls_outside_storage(SRC) == []
+
+
+def test_the_s3_check_can_fail(tmp_path: Path) -> None:
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "x.py").write_text("store.client.head_bucket(Bucket='b')\n")
+    (tmp_path / "storage").mkdir()
+    (tmp_path / "storage" / "y.py").write_text("s3.head_bucket(Bucket='b')\n")
+    assert s3_calls_outside_storage(tmp_path) == ["flows/x.py:1: head_bucket"]
+
+
+# --------------------------------------------------------------------------- small modules
+
+MAX_LINES = 400
+REASON = ("Why one module", "~400-line mark")
+
+
+def long_modules_without_a_reason(root: Path) -> list[str]:
+    """Modules over ~400 lines whose docstring does not say why they are one module."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) <= MAX_LINES:
+            continue
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if not any(marker in doc for marker in REASON):
+            found.append(f"{path.relative_to(root)}: {len(text.splitlines())} lines")
+    return found
+
+
+def test_long_modules_say_why() -> None:
+    assert long_modules_without_a_reason(SRC) == []
+
+
+def test_the_length_check_can_fail(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text('"""Short reason missing."""\n' + "x = 1\n" * MAX_LINES)
+    (tmp_path / "b.py").write_text('"""Why one module: it is one table."""\n' + "x = 1\n" * 500)
+    assert long_modules_without_a_reason(tmp_path) == [f"a.py: {MAX_LINES + 1} lines"]

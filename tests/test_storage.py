@@ -256,6 +256,56 @@ def test_multipart_upload_is_intact(local_s3: LocalS3, s3_bucket: str, big_png: 
     assert pending_uploads(store) == []
 
 
+def test_a_body_below_the_multipart_threshold_is_one_put_from_the_calling_thread(
+    local_s3: LocalS3, s3_bucket: str
+) -> None:
+    """Issue 16: small outputs skip s3transfer's pool (a thread hop per image) for one
+    PutObject with the same content type, metadata and default checksum."""
+    client = local_s3.client()
+    calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    def record(params: dict[str, Any], model: Any, **_: Any) -> None:
+        calls.append((model.name, threading.current_thread().name, dict(params)))
+
+    client.meta.events.register("provide-client-params.s3.*", record)
+    store = OutputStore(client, s3_bucket, prefix="eggapi")
+    data = png_bytes(64, 48)
+    stored = store.persist(chunked(data, 100), task_id="small", index=0, metadata={"k": "v"})
+    caller = threading.current_thread().name
+    assert [(name, thread) for name, thread, _ in calls] == [
+        ("HeadObject", caller),
+        ("PutObject", caller),
+    ]
+    put = calls[1][2]
+    assert put["ContentType"] == "image/png"
+    assert put["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert put["Metadata"]["k"] == "v"
+    assert put["ChecksumAlgorithm"] == "CRC32"  # what s3transfer added by default
+    assert store._manager is None  # no transfer manager (thread pool) was ever built
+    assert stored.created and get_bytes(store, stored.key) == data
+    head = store.client.head_object(Bucket=s3_bucket, Key=stored.key)
+    assert head["ContentType"] == "image/png" and head["ContentLength"] == len(data)
+    assert head["Metadata"]["sha256"] == stored.sha256
+
+
+def test_a_failed_single_put_is_a_typed_retryable_upload_error(
+    local_s3: LocalS3, s3_bucket: str
+) -> None:
+    """The single PUT keeps the upload path's error classification (and leaves nothing)."""
+    client = local_s3.client()
+
+    def fail(**_: Any) -> None:
+        raise ConnectionResetError("simulated reset on PUT")
+
+    client.meta.events.register("before-call.s3.PutObject", fail)
+    store = OutputStore(client, s3_bucket, prefix="eggapi")
+    with pytest.raises(UploadError) as info:
+        store.persist([png_bytes(20, 20)], task_id="small-fail", index=0)
+    assert info.value.key == "eggapi/small-fail/0.png" and info.value.retryable
+    assert str(info.value).startswith("upload to s3://")
+    assert objects(store) == []
+
+
 def _fake_png_stream(total: int, seed: bytes = b"s") -> Iterator[bytes]:
     """A PNG signature + IHDR followed by ``total`` bytes of noise, never held in memory."""
     ihdr = struct.pack(">IIBBBBB", 4000, 3000, 8, 2, 0, 0, 0)

@@ -7,19 +7,19 @@ twin's httpx classes (``_BaseClient[httpx.BaseTransport, httpx.Client]`` for the
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import ssl
+import threading
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import httpx
 from pydantic import SecretStr
 
 from prefect_eggapi._version import __version__
-from prefect_eggapi.client._core import RetryPolicy
+from prefect_eggapi.client._core import Op, RetryPolicy
 from prefect_eggapi.client._ops import Operations
-from prefect_eggapi.client.board import Lister, PollBoard, board_for
+from prefect_eggapi.client.board import PollBoard, RawTaskPage, board_for
 from prefect_eggapi.client.errors import InvalidRequestError
 from prefect_eggapi.client.polling import DurationStats, PollPolicy
 from prefect_eggapi.client.ratelimit import Limiter, RateLimiter
@@ -30,13 +30,24 @@ DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=30.0, pool=30.0)
 
 TransportT = TypeVar("TransportT", httpx.BaseTransport, httpx.AsyncBaseTransport)
 PoolT = TypeVar("PoolT", httpx.Client, httpx.AsyncClient)
+T = TypeVar("T")
 
 
-@functools.cache
+_TLS_LOCK = threading.Lock()
+_TLS: list[ssl.SSLContext] = []
+
+
 def shared_ssl_context() -> ssl.SSLContext:
     """One TLS context per process: building one loads the CA bundle, which measured as 41 % of
-    a batch's CPU when every client made its own (two per client, three clients per image)."""
-    return httpx.create_ssl_context()
+    a batch's CPU when every client made its own (two per client, three clients per image).
+
+    Built under a lock: ``functools.cache`` lets threads that call it at once each build (and
+    load the CA bundle into) a context of their own, which the submit threads of a batch do.
+    """
+    with _TLS_LOCK:
+        if not _TLS:
+            _TLS.append(httpx.create_ssl_context())
+        return _TLS[0]
 
 
 def _mask(key: str) -> str:
@@ -138,8 +149,34 @@ class _BaseClient(Operations, Generic[TransportT, PoolT]):
         """The account's shared board; None when this client talks to a custom transport."""
         if self._custom_transport:
             return None
-        return board_for(self.account, lambda: PollBoard(self._board_lister))
+        return board_for(
+            self.account, lambda: PollBoard(lambda: _BoardLister(self._board_lister()))
+        )
 
-    def _board_lister(self) -> Lister:
+    def _board_lister(self) -> _PageRunner:
         """The client the board's thread lists pages with (a sync one, for either twin)."""
         raise NotImplementedError
+
+
+class _PageRunner(Protocol):
+    """What :class:`_BoardLister` uses of the sync client it wraps."""
+
+    def _run(self, op: Op[T]) -> T: ...
+
+    def _task_dicts_op(self, page: int, per_page: int) -> Op[RawTaskPage]: ...
+
+    def close(self) -> None: ...
+
+
+class _BoardLister:
+    """The board's :class:`~prefect_eggapi.client.board.Lister` on a sync client: list pages
+    whose items stay JSON until the board wants one (``list_tasks`` validates them all)."""
+
+    def __init__(self, client: _PageRunner) -> None:
+        self._client = client
+
+    def list_task_dicts(self, page: int, per_page: int) -> RawTaskPage:
+        return self._client._run(self._client._task_dicts_op(page, per_page))
+
+    def close(self) -> None:
+        self._client.close()

@@ -39,7 +39,7 @@ from prefect_eggapi.client._core import (
     transport_error,
 )
 from prefect_eggapi.client._wait import Wait
-from prefect_eggapi.client.board import PollBoard
+from prefect_eggapi.client.board import PollBoard, RawTaskPage
 from prefect_eggapi.client.errors import AmbiguousSubmitError, APIStatusError, EggAPIError
 from prefect_eggapi.client.polling import DurationStats, PollPolicy
 from prefect_eggapi.client.types import (
@@ -181,6 +181,11 @@ class Operations:
         result = TaskPage.model_validate(data)
         self.durations.see(result.items)
         return result
+
+    def _task_dicts_op(self, page: int, per_page: int) -> Op[RawTaskPage]:
+        """A task list page for the poll board: items stay JSON until the board wants one."""
+        data = yield from self._get_op("/v1/tasks", list_params(page, per_page))
+        return RawTaskPage.from_data(data)
 
     def _usage_op(self, page: int, per_page: int) -> Op[UsagePage]:
         data = yield from self._get_op("/v1/usage", list_params(page, per_page))

@@ -25,6 +25,9 @@ manifest's, written by an unsharded run or by :func:`~prefect_eggapi.flows.shard
 
 **Scale.** Put the ledger in S3 (``EGGAPI_LEDGER_URI=s3://bucket/prefix``) and set a Prefect
 global rate limit (``global_rate_limit``) so any number of workers share one request budget.
+
+The module is above the ~400-line mark because it is one run's state (``_Batch``) and the flow
+that drives it; parameters, context, status objects and reports already live in their own modules.
 """
 
 from __future__ import annotations
@@ -233,7 +236,7 @@ class _Batch:
             result = await self.record_durably(result)
         self.finished += 1
         percent = 100 * self.finished / max(total, 1)
-        await in_thread(partial(progress.update, percent, f"{self.finished}/{total} items"))
+        await progress.aupdate(percent, f"{self.finished}/{total} items")
         return result
 
     def write_status(

@@ -20,9 +20,8 @@ from pydantic import ValidationError
 from prefect_eggapi.client.errors import InvalidRequestError
 from prefect_eggapi.client.types import problems_from
 from prefect_eggapi.credentials import EggAPICredentials
-from prefect_eggapi.flows._s3 import bucket_problem
 from prefect_eggapi.safety.ledger import LedgerStore
-from prefect_eggapi.storage import OutputStore, S3Settings
+from prefect_eggapi.storage import OutputStore, S3Settings, bucket_problem
 from prefect_eggapi.tasks.runtime import in_thread
 
 __all__ = [

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from prefect_eggapi.client.errors import InvalidRequestError
 from prefect_eggapi.client.types import GenerateRequest
-from prefect_eggapi.flows._s3 import stream_object
+from prefect_eggapi.storage import stream_object
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -11,6 +11,9 @@
     → a Prefect asset per stored image (upstream: the image it edited)
     → gallery (embedded thumbnails) + cost table artifacts; returns a PipelineSummary
 
+The module is above the ~400-line mark by this docstring: it is the flow's user guide (the
+flow's code is its run function; items and rounds are in :mod:`.rounds`).
+
 **Validation first.** Every parameter is validated by :class:`PipelineParams` (errors name the
 field), every request is built and validated, the budget is checked against the estimate, the API
 key is resolved and the bucket is reached — all before the first paid call.

@@ -43,7 +43,6 @@ from pydantic import Field, StrictInt
 from prefect_eggapi.client.errors import InvalidRequestError
 from prefect_eggapi.client.pricing import format_cost
 from prefect_eggapi.client.types import AspectRatio, Model, Resolution
-from prefect_eggapi.flows._s3 import put
 from prefect_eggapi.flows.batch import BatchSummary, batch_key, open_manifest
 from prefect_eggapi.flows.context import scheduled_slot
 from prefect_eggapi.flows.manifests import BatchItem, BrokenLine
@@ -70,7 +69,7 @@ from prefect_eggapi.flows.status import (
     load_item_status,
     write_status_file,
 )
-from prefect_eggapi.storage import OutputStore
+from prefect_eggapi.storage import OutputStore, put
 from prefect_eggapi.tasks.artifacts import artifact_key
 from prefect_eggapi.tasks.runtime import flow_run_id, in_thread, run_logger
 

@@ -19,9 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from prefect_eggapi.flows._s3 import delete_keys, list_keys, put
 from prefect_eggapi.flows.manifests import BrokenLine
-from prefect_eggapi.storage import OutputStore, put_if, read_object
+from prefect_eggapi.storage import OutputStore, delete_keys, list_keys, put, put_if, read_object
 
 __all__ = [
     "FINAL",

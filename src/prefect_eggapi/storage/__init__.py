@@ -21,6 +21,13 @@ from prefect_eggapi.client.errors import (
     UploadError,
 )
 from prefect_eggapi.storage.metadata import decode_metadata_value, encode_metadata_value
+from prefect_eggapi.storage.objects import (
+    bucket_problem,
+    delete_keys,
+    list_keys,
+    put,
+    stream_object,
+)
 from prefect_eggapi.storage.s3 import is_not_found, is_transient_s3_error, put_if, read_object
 from prefect_eggapi.storage.settings import (
     MAX_EDIT_INPUTS,
@@ -49,14 +56,19 @@ __all__ = [
     "StoredImage",
     "TooManyInputsError",
     "UploadError",
+    "bucket_problem",
     "build_s3_client",
     "decode_metadata_value",
+    "delete_keys",
     "encode_metadata_value",
     "is_not_found",
     "is_transient_s3_error",
+    "list_keys",
     "make_transfer_config",
+    "put",
     "put_if",
     "read_object",
+    "stream_object",
     "validate_bucket_name",
     "validate_prefix",
 ]

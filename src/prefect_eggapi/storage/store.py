@@ -77,7 +77,7 @@ from prefect_eggapi.storage.spool import Spooled, iter_file, spool
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-    from mypy_boto3_s3.type_defs import HeadObjectOutputTypeDef
+    from mypy_boto3_s3.type_defs import HeadObjectOutputTypeDef, PutObjectRequestTypeDef
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,13 @@ def _image_metadata(spooled: Spooled) -> dict[str, str]:
         meta[META_WIDTH] = str(spooled.info.width)
         meta[META_HEIGHT] = str(spooled.info.height)
     return meta
+
+
+def _adds_default_checksum(s3: S3Client) -> bool:
+    """Whether s3transfer would add its default checksum (CRC32) to an upload with this client
+    (unless ``request_checksum_calculation`` is ``when_required``), so a single PUT stores the
+    same checksum the transfer manager did."""
+    return getattr(s3.meta.config, "request_checksum_calculation", None) == "when_supported"
 
 
 class StoredImage(BaseModel):
@@ -355,15 +362,33 @@ class OutputStore:
     # -- writing --------------------------------------------------------------------------------
 
     def _upload(self, spooled: Spooled, key: str, metadata: Mapping[str, str]) -> None:
-        extra = {
-            "ContentType": spooled.info.mime_type,
-            "Metadata": {k: encode_metadata_value(v) for k, v in metadata.items()},
-        }
+        """One ``PutObject`` below the multipart threshold, the transfer manager above it.
+
+        The manager hands a small body to a pool thread and waits for it: ~12 ms of flow CPU
+        per image against ~5 ms for a plain ``put_object`` (issue 16). The single PUT streams
+        from the same spool (bounded memory), with the same content type, metadata and default
+        checksum (:func:`_checksum_defaults`); botocore's own retries rewind the seekable body.
+        """
+        encoded = {k: encode_metadata_value(v) for k, v in metadata.items()}
         spooled.fh.seek(0)
         try:
-            self._transfer_manager().upload(
-                spooled.fh, self._bucket, key, extra_args=extra
-            ).result()
+            if spooled.size < self._transfer.multipart_threshold:
+                request: PutObjectRequestTypeDef = {
+                    "Bucket": self._bucket,
+                    "Key": key,
+                    "Body": spooled.fh,
+                    "ContentLength": spooled.size,
+                    "ContentType": spooled.info.mime_type,
+                    "Metadata": encoded,
+                }
+                if _adds_default_checksum(self._s3):
+                    request["ChecksumAlgorithm"] = "CRC32"
+                self._s3.put_object(**request)
+            else:
+                extra = {"ContentType": spooled.info.mime_type, "Metadata": encoded}
+                self._transfer_manager().upload(
+                    spooled.fh, self._bucket, key, extra_args=extra
+                ).result()
         except StorageError:
             raise
         except Exception as exc:

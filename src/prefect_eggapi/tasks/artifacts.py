@@ -7,6 +7,7 @@ to publish telemetry never fails (or re-bills) the work it describes.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -17,12 +18,15 @@ from typing import Any, cast
 from uuid import UUID
 
 from prefect.artifacts import (
+    aupdate_progress_artifact,
     create_image_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.client.orchestration import PrefectClient
+from prefect.context import FlowRunContext
 from prefect.events import emit_event
 from pydantic import BaseModel
 
@@ -263,8 +267,20 @@ def publish_gallery(
     return ids
 
 
+def _run_client() -> PrefectClient | None:
+    """The async client of the flow run this coroutine runs in, or None (then Prefect's
+    ``get_client()`` decides): one connection per run instead of one client per update."""
+    ctx = FlowRunContext.get()
+    client = ctx.client if ctx is not None else None
+    if not isinstance(client, PrefectClient):
+        return None
+    # An async client is bound to the loop it was opened on (as prefect's get_client checks).
+    return client if getattr(client, "_loop", None) in (asyncio.get_running_loop(), None) else None
+
+
 class Progress:
-    """A progress artifact that only talks to the API when the rounded value changes."""
+    """A progress artifact that only talks to the API when the rounded value changes, at most
+    once a second (always at 100 %)."""
 
     def __init__(self, description: str, key: str | None = None) -> None:
         self._description = description
@@ -272,6 +288,8 @@ class Progress:
         self._id: UUID | None = None
         self._updated_at = 0.0
         self.min_interval = 1.0
+        # Serializes async updates so a late 99 % can never land after the 100 %.
+        self._sending = asyncio.Lock()
         try:
             self._id = cast(
                 UUID,
@@ -281,15 +299,22 @@ class Progress:
         except Exception:
             log.debug("could not create progress artifact", exc_info=True)
 
-    def update(self, percent: float, description: str | None = None) -> None:
-        """At most once a second (always at 100 %): each update is an API call."""
+    def _due(self, percent: float) -> float | None:
+        """The rounded value to send now, or None (unchanged, or too soon after the last)."""
         value = round(max(0.0, min(100.0, percent)), 0)
         if self._id is None or value == self._last:
-            return
+            return None
         now = time.monotonic()
         if value < 100 and now - self._updated_at < self.min_interval:
-            return
+            return None
         self._updated_at = now
+        return value
+
+    def update(self, percent: float, description: str | None = None) -> None:
+        """From synchronous code: each update that is due is an API call of its own."""
+        value = self._due(percent)
+        if value is None or self._id is None:
+            return
         try:
             update_progress_artifact(
                 self._id, progress=value, description=description or self._description, **_SYNC
@@ -297,3 +322,24 @@ class Progress:
             self._last = value
         except Exception:
             log.debug("could not update progress artifact", exc_info=True)
+
+    async def aupdate(self, percent: float, description: str | None = None) -> None:
+        """From the flow's event loop: the throttle is decided in the loop (no thread hop per
+        item) and a due update goes through the flow run's own client (issue 16: a new
+        ``SyncPrefectClient``, TLS context and connection per update cost ~4 ms an item)."""
+        value = self._due(percent)
+        if value is None or self._id is None:
+            return
+        async with self._sending:
+            if self._last is not None and value <= self._last:
+                return  # a later value was sent while this one waited
+            try:
+                await aupdate_progress_artifact(
+                    self._id,
+                    progress=value,
+                    description=description or self._description,
+                    client=_run_client(),
+                )
+                self._last = value
+            except Exception:
+                log.debug("could not update progress artifact", exc_info=True)

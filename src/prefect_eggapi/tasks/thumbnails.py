@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING
 
-from prefect_eggapi.storage import OutputStore
+from prefect_eggapi.storage import OutputStore, stream_object
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage  # Pillow is optional: see _decode_small
@@ -105,11 +105,7 @@ def make_thumbnail(chunks: Iterable[bytes], *, max_side: int = THUMB_MAX_SIDE) -
 
 def object_chunks(store: OutputStore, key: str) -> Iterator[bytes]:
     """The bytes of a stored object, a chunk at a time (closed when the caller is done)."""
-    body = store.client.get_object(Bucket=store.bucket, Key=key)["Body"]
-    try:
-        yield from body.iter_chunks(_CHUNK)
-    finally:
-        body.close()
+    return stream_object(store.client, store.bucket, key, _CHUNK)
 
 
 def thumbnail_of(store: OutputStore, key: str) -> Thumbnail | None:

@@ -16,6 +16,9 @@ Pitfalls handled here (see DESIGN.md, "The local stack"):
   request: buckets are created from code with :meth:`LocalS3.create_bucket`.
 - Telemetry is on by default: we pass ``-master.telemetry=false`` (no network here).
 - SIGTERM takes about 3.5 s to stop all components.
+
+The module is above the ~400-line mark because these pitfalls are one server's start-up: ports,
+flags, readiness and bucket creation depend on each other and read best together.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
-"""The few S3 calls the flows make that :mod:`prefect_eggapi.storage` has no function for yet.
+"""Bucket and key operations on a store's bucket: reachability, plain puts, listing, deletes.
 
-Everything else goes through the store's functions (``read_object``, ``put_if``,
-``OutputStore``). These five are the whole rest of the flows' S3 surface, kept in this one
-module so they can move into the storage package (``OutputStore.check_bucket``, ``put``,
-``delete_keys``, ``list_keys``, a streaming ``read_chunks``) without touching a flow again.
+The object-level helpers with conditions (``read_object``, ``put_if``, ``is_not_found``) are in
+:mod:`.s3`; these are the unconditional rest of the flows' S3 surface (status objects, shard
+status, manifests), kept here so that every S3 call of the package goes through ``storage/``.
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from prefect_eggapi.storage import OutputStore
+from prefect_eggapi.storage.store import OutputStore
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
