@@ -76,16 +76,24 @@ def test_recovery_attributes_a_lost_answer_once_its_neighbours_are_known(
         "PYTHONPATH": str(REPO / "src"),
     }
     a_prompt, b_prompt = "a red kite over dunes", "a blue kite over dunes"
-    emulator.add_fault("error_after_create", status=502, delay=1, times=1)
-    emulator.add_fault("timeout_after_create", delay=12, times=1)
+    # A's answer is held A_HOLD s, then lost; B must create its task inside that hold (B is a
+    # fresh process: imports, an S3 ledger claim, the POST). With a 1 s hold a loaded machine
+    # started B too late and A rightly adopted its lone candidate, so the hold is long and the
+    # test checks, rather than assumes, that B's task came first. B's answer is held past A's
+    # reconcile and sibling wait (A_HOLD + 3 s).
+    a_hold, b_hold = 10, 25
+    emulator.add_fault("error_after_create", status=502, delay=a_hold, times=1)
+    emulator.add_fault("timeout_after_create", delay=b_hold, times=1)
     a, a_out = _submitter(env, tmp_path, "a", ledger, a_prompt)
 
-    def a_created() -> bool:
-        assert a.poll() is None, (tmp_path / "a.log").read_text(errors="replace")
-        return any(t["prompt"] == a_prompt for t in emulator.created_tasks())
+    def created(proc: subprocess.Popen[bytes], name: str, prompt: str) -> bool:
+        assert proc.poll() is None, (tmp_path / f"{name}.log").read_text(errors="replace")
+        return any(t["prompt"] == prompt for t in emulator.created_tasks())
 
-    wait_until(a_created, 60, "A's task to be created (its answer held, then lost)")
+    wait_until(lambda: created(a, "a", a_prompt), 60, "A's task (its answer held, then lost)")
     b, b_out = _submitter(env, tmp_path, "b", ledger, b_prompt)
+    wait_until(lambda: created(b, "b", b_prompt), a_hold, "B's task inside A's held answer")
+    assert a.poll() is None, "A ended before B's task existed: the scenario did not happen"
     first_a, first_b = _result(a, a_out), _result(b, b_out)
     assert first_a.get("error") == "ReconciliationError", first_a
     assert "task_id" in first_b, first_b
