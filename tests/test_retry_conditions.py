@@ -8,6 +8,7 @@ so is the only one that can cure a failure of the remote task (as a fresh attemp
 from __future__ import annotations
 
 import errno
+import inspect
 from datetime import UTC, datetime
 
 import pytest
@@ -129,11 +130,18 @@ def test_moderation_is_terminal_even_for_the_whole_chain():
     assert retry_generation(None, None, moderated) is False
 
 
-def test_conditions_show_what_they_are_in_prefect_logs():
-    """Prefect logs ``retry_condition_fn`` by repr: it names the condition and its classes."""
-    assert "retry_generation" in repr(retry_generation)
-    assert "remote_task=True" in repr(retry_generation)
-    assert "remote_task=False" in repr(retry_submit)
+def test_conditions_are_plain_functions_that_say_what_they_are():
+    """Prefect 3.8 runs a ``retry_condition_fn`` only if ``inspect.isfunction`` (any other
+    callable means "never retry", silently); Prefect logs it by name."""
+    for condition, name in (
+        (retry_submit, "retry_submit"),
+        (retry_transient, "retry_transient"),
+        (retry_generation, "retry_generation"),
+    ):
+        assert inspect.isfunction(condition), condition
+        assert condition.__name__ == name
+    assert "remote_task=True" in (retry_generation.__doc__ or "")
+    assert "remote_task=False" in (retry_submit.__doc__ or "")
 
 
 def test_is_transient_s3_error_direct():

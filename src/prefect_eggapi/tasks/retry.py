@@ -22,12 +22,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prefect.client.schemas.objects import State, TaskRun
-from prefect.tasks import Task
+from prefect.tasks import RetryConditionCallable, Task
 
 from prefect_eggapi.client.errors import EmptyOutputError, ErrorClass, TaskFailedError, classify
 from prefect_eggapi.storage import is_transient_s3_error
 
-__all__ = ["RetryCondition", "retry_generation", "retry_submit", "retry_transient"]
+__all__ = [
+    "GENERATION",
+    "SUBMIT",
+    "TRANSIENT",
+    "RetryCondition",
+    "retry_generation",
+    "retry_submit",
+    "retry_transient",
+]
 
 
 def remote_task_failed(exc: BaseException) -> bool:
@@ -37,7 +45,7 @@ def remote_task_failed(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class RetryCondition:
-    """A ``retry_condition_fn``: retry a failed run whose exception is in ``classes``.
+    """Which failed runs to retry: those whose exception is in ``classes``.
 
     ``remote_task`` says whether failures of the remote task count (only where the retry starts
     a fresh attempt of it). S3 errors sit outside the EggAPI classes: an unreachable or 5xx S3
@@ -53,17 +61,33 @@ class RetryCondition:
             return False
         return classify(exc) in self.classes or is_transient_s3_error(exc)
 
-    def __call__(self, task: Task[..., object], task_run: TaskRun, state: State[object]) -> bool:
-        exc = state.data
-        return isinstance(exc, BaseException) and self.retries(exc)
+    def as_retry_condition_fn(self) -> RetryConditionCallable:
+        """A plain function for ``retry_condition_fn``.
+
+        Prefect 3.8 calls the condition only when ``inspect.isfunction`` says it is one
+        (``SyncTaskRunEngine.can_retry``: any other callable counts as "no retry"), so a callable
+        object would silently turn every retry off there; 3.9 accepts any callable.
+        """
+
+        def should_retry(task: Task[..., object], task_run: TaskRun, state: State[object]) -> bool:
+            exc = state.data
+            return isinstance(exc, BaseException) and self.retries(exc)
+
+        should_retry.__name__ = should_retry.__qualname__ = self.name
+        should_retry.__doc__ = f"{self!r}: retry when :meth:`RetryCondition.retries` says so."
+        return should_retry
 
 
 _TRANSIENT = frozenset({ErrorClass.RETRYABLE})
 _RECONCILABLE = frozenset({ErrorClass.RETRYABLE, ErrorClass.AMBIGUOUS})
 
 #: Submits retry transient failures and re-reconcile ambiguous ones (never a blind POST).
-retry_submit = RetryCondition("retry_submit", _RECONCILABLE)
+SUBMIT = RetryCondition("retry_submit", _RECONCILABLE)
 #: Downloads/persists retry transient network and S3 errors.
-retry_transient = RetryCondition("retry_transient", _TRANSIENT)
+TRANSIENT = RetryCondition("retry_transient", _TRANSIENT)
 #: The whole chain also retries a failure of the remote task: as a fresh attempt.
-retry_generation = RetryCondition("retry_generation", _RECONCILABLE, remote_task=True)
+GENERATION = RetryCondition("retry_generation", _RECONCILABLE, remote_task=True)
+
+retry_submit = SUBMIT.as_retry_condition_fn()
+retry_transient = TRANSIENT.as_retry_condition_fn()
+retry_generation = GENERATION.as_retry_condition_fn()
