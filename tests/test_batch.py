@@ -119,13 +119,16 @@ def test_kill_mid_batch_then_rerun_pays_once_and_loses_nothing(
         asyncio.run(batch_generate(manifest={path!r}, concurrency=8))
     """)
     )
-    env = dict(os.environ)
+    # The victim starts its own ephemeral Prefect server: its 20 s start-up default timed out on
+    # a loaded machine (the victim then exited 1 before it could be killed).
+    env = {**os.environ, "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
+    log = tmp_path / "victim.log"
     proc = subprocess.Popen(
         [sys.executable, str(script)],
         env=env,
         start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
     )
     s3 = local_s3.client()
     try:
@@ -139,7 +142,7 @@ def test_kill_mid_batch_then_rerun_pays_once_and_loses_nothing(
             if persisted >= 10:
                 break
             time.sleep(0.2)
-        assert proc.poll() is None, "the batch finished before it could be killed"
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
         assert persisted >= 10
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
