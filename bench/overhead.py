@@ -151,6 +151,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         call = batch_generate(
             manifest=manifest,
             concurrency=spec["concurrency"],
+            items_per_task=spec.get("items_per_task", 1),
             prefix=spec.get("prefix", "prefect"),
             run_key=spec["tag"],
         )
@@ -225,14 +226,17 @@ def measure(
     api_url: str | None = None,
     profile_dir: Path | None = None,
     log_dir: Path | None = None,
+    items_per_task: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (N, side, repeat). Sides: baseline (the hand-written script), prefect."""
+    """One row per (N, side, repeat). Sides: baseline (the hand-written script), then the flow
+    once per ``items_per_task`` (default [1]): ``prefect`` for a task run per item,
+    ``prefect/K`` for K items per task run."""
     from _common import diff_counts, key_requests, local_stack, prefect_env, run_child
 
-    sides: list[tuple[str, str, dict[str, Any]]] = [
-        ("baseline", "baseline_script", {}),
-        ("prefect", "overhead", {"flow": "batch"}),
-    ]
+    sides: list[tuple[str, str, dict[str, Any]]] = [("baseline", "baseline_script", {})]
+    for k in items_per_task or [1]:
+        name = "prefect" if k == 1 else f"prefect/{k}"
+        sides.append((name, "overhead", {"flow": "batch", "items_per_task": k}))
     rows: list[dict[str, Any]] = []
     with local_stack(
         pending_seconds=PENDING, processing_seconds=PROCESSING, rate_limit_per_second=None
@@ -248,7 +252,7 @@ def measure(
                         **prefect_env(home, api_url),
                         "EGGAPI_LEDGER_DIR": str(home / "ledger"),
                     }
-                    tag = f"{side.replace('+', '-')}-n{n}-r{rep}-{time.time_ns()}"
+                    tag = f"{side.replace('+', '-').replace('/', '-')}-n{n}-r{rep}-{time.time_ns()}"
                     spec = {"n": n, "concurrency": concurrency, "tag": tag, "name": tag, **extra}
                     spec["prefix"] = tag
                     if profile_dir is not None and module == "overhead":
@@ -339,6 +343,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--profile", type=Path, default=None, help="write cProfiles here")
+    parser.add_argument(
+        "--items-per-task",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="one flow side per value (1: a task run per item; K: K items per task run)",
+    )
     args = parser.parse_args()
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
@@ -347,6 +358,7 @@ def main() -> None:
         concurrency=args.concurrency,
         repeats=args.repeats,
         profile_dir=args.profile,
+        items_per_task=args.items_per_task,
     )
     summary = summarize(rows)
     print(f"emulator pending {PENDING}s processing {PROCESSING}s, concurrency {args.concurrency}")

@@ -37,6 +37,7 @@ import sharded
 
 FULL = {
     "overhead_n": [200, 1000, 10000],
+    "items_per_task": [1, 100],
     "concurrency": 50,
     "api_n": 16,
     "api_concurrency": 8,
@@ -51,6 +52,7 @@ FULL = {
 }
 QUICK = {
     "overhead_n": [50],
+    "items_per_task": [1, 10],
     "concurrency": 25,
     "api_n": 6,
     "api_concurrency": 3,
@@ -178,7 +180,10 @@ def main() -> None:
         run_section(
             "overhead",
             lambda: overhead.measure(
-                params["overhead_n"], concurrency=params["concurrency"], log_dir=log_dir
+                params["overhead_n"],
+                concurrency=params["concurrency"],
+                log_dir=log_dir,
+                items_per_task=params["items_per_task"],
             ),
             results,
             errors,
@@ -356,7 +361,7 @@ def render(
             )
     srv = overhead.summarize(results["server"]) if "server" in results else {}
     for n, sides in srv.items():
-        for side in ("prefect",):
+        for side in scale_rows.flow_sides(sides):
             if side in sides:
                 eph = ov.get(n, {}).get(side, {}).get("ratio", nan)
                 rows.append(
@@ -391,7 +396,9 @@ def render(
         f"sides, emulator pending {overhead.PENDING} s / processing {overhead.PROCESSING} s, "
         "emulator rate limit off, `EGGAPI_REQUESTS_PER_SECOND="
         f"{overhead.CLIENT_RATE}` (client limiter out of the way), 1 x 1344x768 PNG per prompt; "
-        "order baseline -> prefect; ephemeral API server started (and "
+        "order baseline -> prefect; the flow once per `items_per_task` in "
+        f"{params.get('items_per_task', [1])} (`prefect` = 1, a task run per item; `prefect/K` = "
+        "K items per task run); ephemeral API server started (and "
         "excluded from the timing) by a warm-up flow in the same process."
     )
     add(

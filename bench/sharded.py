@@ -272,6 +272,7 @@ def measure(
     workers: int = 2,
     shards: int | None = None,
     concurrency: int = 50,
+    items_per_task: int = 100,
     log_dir: Path | None = None,
 ) -> dict[str, Any]:
     """One sharded run and one script run of N items in one stack; see the module doc."""
@@ -290,6 +291,7 @@ def measure(
         "workers": workers,
         "shards": shards,
         "concurrency_per_shard": per_shard,
+        "items_per_task": items_per_task,
     }
     server = None
     with (
@@ -331,6 +333,7 @@ def measure(
                     "manifest": manifest,
                     "shards": shards,
                     "concurrency": per_shard,
+                    "items_per_task": items_per_task,
                     "prefix": tag,
                     "run_key": tag,
                     "budget": None,
@@ -378,6 +381,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shards", type=int, default=None)
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--items-per-task", type=int, default=100)
     parser.add_argument("--keep-logs", type=Path, default=None)
     args = parser.parse_args()
     if args.keep_logs:
@@ -387,6 +391,7 @@ def main() -> None:
         workers=args.workers,
         shards=args.shards,
         concurrency=args.concurrency,
+        items_per_task=args.items_per_task,
         log_dir=args.keep_logs,
     )
     print(json.dumps(result, indent=1, default=str))

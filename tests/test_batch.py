@@ -55,14 +55,25 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_every_line_accounted_for_and_rerun_resumes(batch_env, local_s3, s3_bucket, tmp_path):
+# Every guarantee holds whether each item is a task run (1) or items share one (5: 5 + 5 + 2).
+ITEMS_PER_TASK = pytest.mark.parametrize("items_per_task", [1, 5], ids=["per-item", "chunks"])
+
+
+@ITEMS_PER_TASK
+def test_every_line_accounted_for_and_rerun_resumes(
+    batch_env, local_s3, s3_bucket, tmp_path, items_per_task
+):
     broken = ["{oops", json.dumps({"id": "item-0001", "prompt": "dup"}), json.dumps({"x": 1})]
     path = manifest(tmp_path, 12, broken)
+    chunks = {"concurrency": 4, "items_per_task": items_per_task}
     with pytest.raises(BatchError, match="3 broken line"):
-        run(batch_generate(manifest=path, concurrency=4))
+        run(batch_generate(manifest=path, **chunks))
     created = batch_env.created_tasks()
     assert len(created) == 12
-    summary = run(batch_generate(manifest=path, concurrency=4, fail_on_item_error=False))
+    assert sorted(t["prompt"] for t in created) == sorted(
+        f"a tiny robot number {i}" for i in range(12)
+    )
+    summary = run(batch_generate(manifest=path, fail_on_item_error=False, **chunks))
     assert summary.items == 12 and summary.persisted == 12 and summary.resumed == 12
     assert summary.broken_lines == 3 and summary.failed == 0
     assert len(batch_env.created_tasks()) == 12  # the rerun paid for nothing
@@ -76,11 +87,12 @@ def test_every_line_accounted_for_and_rerun_resumes(batch_env, local_s3, s3_buck
     assert summary.total_cost == 0 and summary.reused == 0
 
 
-def test_failures_are_reported_per_item(batch_env, local_s3, s3_bucket, tmp_path):
+@ITEMS_PER_TASK
+def test_failures_are_reported_per_item(batch_env, local_s3, s3_bucket, tmp_path, items_per_task):
     batch_env.add_fault("upstream_failure", times=1)
     path = manifest(tmp_path, 4, [json.dumps({"id": "bad", "prompt": "forbidden words"})])
     with pytest.raises(BatchError, match="1 failed"):
-        run(batch_generate(manifest=path, concurrency=1))
+        run(batch_generate(manifest=path, concurrency=1, items_per_task=items_per_task))
     uri = f"s3://{s3_bucket}/out/batches/"
     listing = local_s3.client().list_objects_v2(Bucket=s3_bucket, Prefix="out/batches/")
     status_key = next(o["Key"] for o in listing["Contents"] if o["Key"].endswith("status.jsonl"))
@@ -310,3 +322,64 @@ def test_shard_ranges_cover_every_line_once():
     sizes = [sum(in_range(i.line, r) for i in items) for r in ranges]
     assert max(sizes) - min(sizes) <= 1, sizes
     assert plan_ranges(items[:2], 8) == [(1, items[1].line), (items[1].line, None)]
+
+
+def test_chunks_name_their_task_runs_and_log_one_line_per_item(batch_env, tmp_path):
+    """items_per_task > 1: one task run per chunk, named by its lines; each item logs one line
+    (its steps log warnings only) and still announces its own events."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    path = manifest(tmp_path, 7)
+    state = run(batch_generate(manifest=path, concurrency=3, items_per_task=3, return_state=True))
+    assert state.is_completed(), state
+    flow_run_id = state.state_details.flow_run_id
+    created = batch_env.created_tasks()
+    assert len(created) == 7
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+        assert sorted(r.name for r in runs) == [
+            "items · lines 1-3 · 3",
+            "items · lines 4-6 · 3",
+            "items · lines 7-7 · 1",
+        ]
+        # Run logs reach the API in batches, shortly after the run: wait for them (bounded).
+        deadline = time.monotonic() + 30
+        while True:
+            logs = [
+                entry.message
+                for entry in client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+                )
+            ]
+            item_lines = [m for m in logs if "): EggAPI task gen_" in m]
+            if len(item_lines) >= 7 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        wanted = {f"eggapi.task.{t['task_id']}" for t in created}
+        deadline = time.monotonic() + 30
+        while True:  # events land asynchronously too
+            events = client.read_events(
+                EventFilter(
+                    event=EventNameFilter(name=["eggapi.task.persisted"]),
+                    resource=EventResourceFilter(id=sorted(wanted)),
+                ),
+                limit=50,
+            ).events
+            if {e.resource.id for e in events} >= wanted or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    for i in range(7):
+        mine = [m for m in item_lines if m.startswith(f"line {i + 1} (item-{i:04d}): ")]
+        assert len(mine) == 1 and "persisted" in mine[0] and "s3://" in mine[0], item_lines
+    # The steps' own INFO lines (submitted, status changes, stored) stayed out of the run log.
+    assert not [m for m in logs if " submitted (" in m or m.startswith("Stored ")], logs
+    assert {e.resource.id for e in events} >= wanted  # one eggapi.task.persisted per item

@@ -160,3 +160,51 @@ def test_storage_errors_are_in_the_one_tree_with_their_own_classification():
     assert classify(reset) is ErrorClass.RETRYABLE and reset.retryable
     # per instance: the class default is not changed by one instance's failure
     assert UploadError.classification is ErrorClass.TERMINAL
+
+
+@pytest.mark.parametrize(
+    ("exc", "generate"),
+    [(c[0], c[3]) for c in CASES],
+    ids=[type(c[0]).__name__ + str(i) for i, c in enumerate(CASES)],
+)
+def test_generations_in_a_chunk_retry_exactly_what_the_task_retries(monkeypatch, exc, generate):
+    """A batch chunk runs items without task runs of their own: same decisions, same count."""
+    import asyncio
+
+    from prefect_eggapi.tasks import generate as module
+
+    calls: list[int] = []
+    done = object()
+
+    async def flaky(args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise exc
+        return done
+
+    monkeypatch.setattr(module, "agenerate", flaky)
+    args = module.GenerateArgs(request="unused")
+    if generate:
+        assert asyncio.run(module.agenerate_with_retries(args, (0.0, 0.0))) is done
+        assert len(calls) == 2
+    else:
+        with pytest.raises(type(exc)):
+            asyncio.run(module.agenerate_with_retries(args, (0.0, 0.0)))
+        assert len(calls) == 1
+
+
+def test_a_chunked_generation_gives_up_after_its_retries(monkeypatch):
+    import asyncio
+
+    from prefect_eggapi.tasks import generate as module
+
+    calls: list[int] = []
+
+    async def always(args):
+        calls.append(1)
+        raise TaskFailedError(FAILED)
+
+    monkeypatch.setattr(module, "agenerate", always)
+    with pytest.raises(TaskFailedError):
+        asyncio.run(module.agenerate_with_retries(module.GenerateArgs(request="x"), (0.0, 0.0)))
+    assert len(calls) == 3  # the first try and two retries, as retries=2 on the task

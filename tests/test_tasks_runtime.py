@@ -45,3 +45,32 @@ def test_in_thread_runs_in_the_pool_with_the_callers_context():
 
     name, caller = asyncio.run(main())
     assert name.startswith("eggapi-io") and caller == "the task run"
+
+
+def test_quiet_steps_keep_warnings_only_also_in_worker_threads(caplog):
+    import logging
+
+    from prefect_eggapi.tasks.runtime import quiet_steps, run_logger
+
+    caplog.set_level(logging.DEBUG, logger="prefect_eggapi")
+
+    def speak(tag: str) -> None:
+        run_logger().info("info %s", tag)
+        run_logger().warning("warning %s", tag)
+
+    async def steps() -> None:
+        speak("loud")
+        with quiet_steps():
+            speak("quiet")
+            await in_thread(lambda: speak("quiet-thread"))
+        speak("loud-again")
+
+    asyncio.run(steps())
+    assert [r.getMessage() for r in caplog.records] == [
+        "info loud",
+        "warning loud",
+        "warning quiet",
+        "warning quiet-thread",
+        "info loud-again",
+        "warning loud-again",
+    ]

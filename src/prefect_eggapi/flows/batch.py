@@ -37,7 +37,8 @@ import hashlib
 from decimal import Decimal
 from functools import partial
 
-from prefect import flow
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, StrictInt
 
 from prefect_eggapi.client.errors import BudgetExceededError, InvalidRequestError, describe
@@ -66,9 +67,10 @@ from prefect_eggapi.flows.status import (
 from prefect_eggapi.flows.status import status_lines as _status_lines
 from prefect_eggapi.safety.ledger import default_ledger
 from prefect_eggapi.storage import OutputStore, build_s3_client, is_transient_s3_error
-from prefect_eggapi.tasks import Budget, agenerate_image
+from prefect_eggapi.tasks import Budget, GenerationResult, agenerate_image
 from prefect_eggapi.tasks.artifacts import Progress, artifact_key
-from prefect_eggapi.tasks.runtime import flow_run_id, in_thread, run_logger
+from prefect_eggapi.tasks.generate import GenerateArgs, agenerate_with_retries
+from prefect_eggapi.tasks.runtime import flow_run_id, in_thread, quiet_steps, run_logger
 
 # Names other modules and tests import from here; they live in params, status and report now.
 __all__ = [
@@ -90,6 +92,10 @@ __all__ = [
     "record_item_status",
     "run_batch",
 ]
+
+
+#: Delays between an item's tries (two retries): shorter than a lone task's, a batch has many.
+ITEM_RETRY_DELAYS = (1.0, 5.0)
 
 
 class BatchError(RuntimeError):
@@ -190,6 +196,28 @@ class _Batch:
             self.reused += 1
         return final
 
+    async def generate(self, item: BatchItem) -> GenerationResult:
+        """One item's submit -> wait -> persist: its own task run, or (``items_per_task`` > 1)
+        inside its chunk's task run with the same retries and one log line of its own."""
+        args = GenerateArgs(
+            item.request,
+            self.ctx.store,
+            credentials=self.ctx.credentials,
+            key=f"{self.ctx.run_key}/{item.id}",
+            label=item.id,
+            budget=self.budget,
+            timeout=self.params.wait_timeout,
+            image_artifacts=False,
+            ledger=self.ctx.ledger,
+        )
+        if self.params.items_per_task == 1:
+            # The task binds the record's fields as its parameters (see tasks.twins).
+            own_run = agenerate_image.with_options(retry_delay_seconds=list(ITEM_RETRY_DELAYS))
+            done: GenerationResult = await own_run(**vars(args))
+            return done
+        with quiet_steps():
+            return await agenerate_with_retries(args, ITEM_RETRY_DELAYS)
+
     async def run_item(self, item: BatchItem, progress: Progress, total: int) -> ItemResult:
         async with self.semaphore:
             if self.stop_submitting:
@@ -201,17 +229,7 @@ class _Batch:
                 )
             else:
                 try:
-                    done = await agenerate_image.with_options(retry_delay_seconds=[1, 5])(
-                        item.request,
-                        self.ctx.store,
-                        credentials=self.ctx.credentials,
-                        key=f"{self.ctx.run_key}/{item.id}",
-                        label=item.id,
-                        budget=self.budget,
-                        timeout=self.params.wait_timeout,
-                        image_artifacts=False,
-                        ledger=self.ctx.ledger,
-                    )
+                    done = await self.generate(item)
                     result = ItemResult(
                         id=item.id,
                         line=item.line,
@@ -234,10 +252,19 @@ class _Batch:
                         error=describe(exc),
                     )
             result = await self.record_durably(result)
+        if self.params.items_per_task > 1:
+            log_item(result)
         self.finished += 1
         percent = 100 * self.finished / max(total, 1)
         await progress.aupdate(percent, f"{self.finished}/{total} items")
         return result
+
+    async def run_chunk(
+        self, items: list[BatchItem], progress: Progress, total: int
+    ) -> list[ItemResult]:
+        """``items`` in one task run named after their lines (see :func:`generate_items`)."""
+        name = f"items · lines {items[0].line}-{items[-1].line} · {len(items)}"
+        return await generate_items.with_options(task_run_name=name)(self, items, progress, total)
 
     def write_status(
         self, key: str, results: list[ItemResult], broken: list[BrokenLine]
@@ -256,6 +283,39 @@ class _Batch:
             ]
 
         return write_status_file(self.ctx.store, key, final, broken)
+
+
+def log_item(result: ItemResult) -> None:
+    """The one log line of an item run inside a chunk (its steps log warnings only)."""
+    logger = run_logger()
+    where = f"line {result.line} ({result.id})"
+    if result.status == "persisted":
+        logger.info(
+            "%s: EggAPI task %s persisted, %s: %s",
+            where,
+            result.task_id,
+            format_cost(result.cost),
+            ", ".join(result.s3_uris),
+        )
+    else:
+        message = (result.error or {}).get("message", "")
+        logger.warning("%s: %s (EggAPI task %s): %s", where, result.status, result.task_id, message)
+
+
+@task(name="eggapi-batch-items", cache_policy=NO_CACHE)
+async def generate_items(
+    batch: _Batch, items: list[BatchItem], progress: Progress, total: int
+) -> list[ItemResult]:
+    """A chunk of a batch's items in one task run (``items_per_task`` > 1).
+
+    At thousands of items a task run per item was most of the cost per image: its states,
+    events and logs, written by this process and stored by the API server. A chunk keeps the
+    per-item record elsewhere — one log line per item here, the item's status object, the
+    problems table, the ``eggapi.task.*`` events — and each item keeps its own retries. The
+    chunk's run completes even when some of its items failed: they are accounted for, line by
+    line, in ``status.jsonl``.
+    """
+    return list(await asyncio.gather(*(batch.run_item(i, progress, total) for i in items)))
 
 
 async def open_manifest(
@@ -337,7 +397,15 @@ async def run_batch(params: BatchParams, *, credentials_block: str | None = None
     )
     batch.finished = len(resumed)
     results = list(resumed)
-    results += await asyncio.gather(*(batch.run_item(i, progress, len(items)) for i in todo))
+    size = params.items_per_task
+    if size == 1:
+        results += await asyncio.gather(*(batch.run_item(i, progress, len(items)) for i in todo))
+    else:
+        chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+        for chunk in await asyncio.gather(
+            *(batch.run_chunk(c, progress, len(items)) for c in chunks)
+        ):
+            results += chunk
 
     status_key = (
         f"{batch.base}/status.jsonl"
@@ -394,6 +462,7 @@ async def batch_generate(
     resolution: Resolution | None = None,
     num_outputs: StrictInt = 1,
     concurrency: StrictInt = 16,
+    items_per_task: StrictInt = 1,
     budget: float | None = None,
     wait_timeout: float = 600.0,
     bucket: str | None = None,
@@ -412,6 +481,11 @@ async def batch_generate(
             ``resolution``, ``num_outputs``, ``image_urls``.
         model, aspect_ratio, resolution, num_outputs: defaults for lines that do not say.
         concurrency: items in flight at once.
+        items_per_task: items per task run. 1 (the default): each item is a task run of its
+            own (``generate · <model> · <id>``). Above 1, consecutive items share one
+            ``eggapi-batch-items`` task run and each logs one line (its steps log warnings
+            only): the cost per image no longer grows with Prefect's per-run bookkeeping.
+            Retries, the ledger, status objects and events are the same either way.
         budget: USD cap for the whole batch (estimated before each submit).
         run_key: names the batch for resume (default: a hash of its items).
         global_rate_limit: name of a Prefect global concurrency limit shared by all workers.

@@ -180,6 +180,13 @@ class BatchParams(FlowParams):
     # Strict, as in GenerateRequest: "2" from a form or a CLI is refused, not paid for twice over.
     num_outputs: int = Field(1, ge=1, le=4, strict=True)
     concurrency: int = Field(16, ge=1, le=1000, strict=True, description="Items in flight.")
+    items_per_task: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        strict=True,
+        description="Items per task run: 1 = a task run per item; e.g. 100 for big batches.",
+    )
     budget: Decimal | None = Field(None, ge=0, description="USD cap for the whole batch.")
     wait_timeout: float = Field(600.0, gt=0, le=_MAX_WAIT)
     bucket: str | None = None

@@ -266,6 +266,7 @@ async def sharded_batch_generate(
     resolution: Resolution | None = None,
     num_outputs: StrictInt = 1,
     concurrency: StrictInt = 16,
+    items_per_task: StrictInt = 1,
     budget: float | None = None,
     wait_timeout: float = 600.0,
     bucket: str | None = None,
@@ -288,6 +289,7 @@ async def sharded_batch_generate(
             declared dead, marked Crashed and run again.
         poll_interval: seconds between looks at the shard runs.
         concurrency: items in flight per shard run.
+        items_per_task: items per task run in each shard (see ``batch_generate``).
         budget: USD cap for the whole batch, shared by every shard.
         Other parameters: as for ``batch_generate``; ``fail_on_item_error`` applies to the
             whole manifest (shards never fail on item errors).

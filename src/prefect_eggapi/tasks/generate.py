@@ -9,6 +9,8 @@ implementations, called in this run (not as task runs of their own).
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass
 from decimal import Decimal
 from functools import partial
@@ -25,7 +27,7 @@ from prefect_eggapi.tasks.artifacts import ReportRow
 from prefect_eggapi.tasks.budget import BudgetLike
 from prefect_eggapi.tasks.naming import request_run_name
 from prefect_eggapi.tasks.persist import PersistArgs, StoreLike, persist
-from prefect_eggapi.tasks.retry import retry_generation
+from prefect_eggapi.tasks.retry import GENERATION, retry_generation
 from prefect_eggapi.tasks.runtime import in_thread
 from prefect_eggapi.tasks.submit import RequestLike, SubmitArgs, coerce_request, submit
 from prefect_eggapi.tasks.twins import twin_tasks
@@ -34,7 +36,9 @@ from prefect_eggapi.tasks.wait import WaitArgs, await_, wait
 __all__ = [
     "GenerateArgs",
     "GenerationResult",
+    "agenerate",
     "agenerate_image",
+    "agenerate_with_retries",
     "generate_image",
     "result_of",
 ]
@@ -174,6 +178,26 @@ async def agenerate(args: GenerateArgs) -> GenerationResult:
     created = await in_thread(chain.submit)
     done = await await_(chain.waiting(created))
     return await in_thread(partial(chain.finish, done))
+
+
+async def agenerate_with_retries(
+    args: GenerateArgs, delays: Sequence[float] = (2.0, 10.0)
+) -> GenerationResult:
+    """:func:`agenerate` under the retry policy of :func:`agenerate_image`, in the caller's run.
+
+    For a caller that runs many generations inside one task run (a batch's chunk of items):
+    each generation retries on its own, ``len(delays)`` times at most, on exactly the failures
+    the task would retry (:data:`~prefect_eggapi.tasks.retry.GENERATION`), so a fresh attempt
+    after an upstream failure is the ledger's decision here too, never a second payment.
+    """
+    for attempt in range(len(delays) + 1):
+        try:
+            return await agenerate(args)
+        except Exception as exc:
+            if attempt == len(delays) or not GENERATION.retries(exc):
+                raise
+            await asyncio.sleep(delays[attempt])
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 generate_image, agenerate_image = twin_tasks(
