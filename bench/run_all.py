@@ -68,41 +68,37 @@ QUICK = {
 SECTIONS = ["overhead", "api", "rate", "memory", "server", "sharded"]
 
 WHERE_TIME_GOES = """\
-From `py-spy record --subprocesses --nonblocking --rate 50 --format speedscope` of
-`python bench/overhead.py --n 1000`, `--n 3000` and `--n 5000` (2026-12-02, code of f2cf82b, a
-2-core machine under heavy load from other jobs, which roughly doubled every CPU figure). CPU per
-image, N = 1,000 / 3,000 / 5,000: flow process 61.4 / 62.7 / 63.8 ms, API server 55.0 / 67.4 /
-70.1 ms, script 14.3 / 16.1 / 17.5 ms. Shares are taken within one process, start-up samples
-left out, and scaled to that run's measured CPU per image; `python bench/profile_summary.py FILE
---cpu-ms flow=MS server=MS` redoes it for any profile.
+**Machine first.** The same commit of 2026-11-25 (6d89d29) that gave 1.21 and 24.9 ms per image
+here then gives 1.79 and 46.4 ms today (Prefect 3.8.4, same venv as HEAD), and the *script's* CPU
+per image went from 7.0 to 14-19 ms with no change to its code: this machine does about half the
+work per CPU second it did then, and a flow that was not CPU-bound is now. HEAD in the same
+environment: 1.76 (3.8.4) / 1.96 (3.9.1), so the code since then neither lost nor won much.
 
-**The API server is what grows** (+27 % per image from N = 1,000 to 5,000). Its SQLite work
-(SQLAlchemy + aiosqlite) is 62 % of its CPU and rose from 34 to 43 ms per image, most of it in
-compiling and running the bulk INSERTs of the event persister and the task-run recorder (the
-recorder itself 7.0 -> 9.4 ms). Per image the server stores 6 events (Prefect's 3 task-run state
-events and the library's `eggapi.task.submitted`, `.completed`, `.persisted`) with 21
-`event_resources` rows, 5.3 log rows, 3 task-run states and 1 task run: 39 KiB of database per
-image (191 MB at N = 5,000; 83 % of it events and their 8 indexes), so at 10,000 items a 400 MB
-SQLite file sits behind a 2 MB page cache and every insert into the UUID-keyed indexes touches
-more uncached pages. The recorder also lags: when the N = 1,000 flow ended the server had
-recorded 755 of its 1,000 task runs (2,972 of 3,000 at N = 3,000).
+**A task run per item** (`prefect`): 44-48 ms of API server CPU per image (its SQLite database:
+6 events with 21 `event_resources` rows, 5.3 log rows, 3 states per image; see
+`bench/profiles/compare-*.txt`), rising with N as the database outgrows its page cache.
+`items_per_task=100` (`prefect/100`) removes the per-item states and Prefect's task-run events
+and makes the steps log warnings only (one line per item): server CPU per image 44.4 -> 13.0 ms
+at N = 1,000, flow 54.1 -> 32.4 ms, wall ratio 2.03 -> 1.40.
 
-**The flow process is nearly flat** (+4 %); per image at N = 1,000: S3 work 19 ms (the upload
-through s3transfer's thread pool 12.3, the per-item status object's conditional PUT and DELETE
-5.5 -> 7.2 at 5,000, a LIST before each download 1.7; inside the upload a HEAD after each PUT
-2.8; the script makes one PUT), one Prefect task run per item 7.4 (`with_options` per item 1.1),
-run logs 7.5 (5 INFO lines per item, each rendered by rich to the console, 4.2, and sent to the
-API), the SQLite ledger 6.1, progress artifact updates 4.1 (each builds a new sync Prefect
-client: TLS context and connection), events 3.9 (per-message deflate on the events websocket
-1.8), the asyncio loop 3.5, a new EggAPI client per submit 2.5, EggAPI downloads 2.4, and the
-poll board 1.3, the steepest riser (3.5 at N = 5,000: pydantic parsing of whole 100-task list
-pages).
+**What is left, N = 1,000, 100 items per task run** (`bench/profiles/chunked100-n1000.txt`,
+py-spy, idle machine): flow 34.9 ms per image, of which the SQLite ledger and submit lanes 8.7,
+the S3 upload 7.9 (the script's upload costs about the same), per-item status objects 3.9, EggAPI
+client set-up and calls 3.5 (a new client per submit, wait and persist), events 2.3, the HEAD
+before each download 2.3, asyncio 2.7; the Prefect task engine 0.2 and logs 0.9. The server's
+13-14 ms is mostly its database storing the 3 `eggapi.task.*` events per image.
 
-Fixed on the way (measured before in this table's earlier versions): one SSL context per process
-instead of two per client (41 % of CPU), an I/O pool of 64 threads instead of asyncio's 6, run
-scope read from memory, throttled progress updates, one boto3 client per S3 settings instead of
-one per persist (0.3 s of every completion -> S3), and polls of concurrent waits served by shared
-`GET /v1/tasks` pages.
+**Wall time is bounded by the submit lane, not only by CPU.** POSTs of one model go one at a time
+per ledger (`submits_in_flight=1`, so that lost answers stay attributable), and inside the lane
+each submit makes about four SQLite transactions and a POST from a worker thread competing with
+~50 others for the GIL: about 50-60 ms per submit, 16-20 submits/s, while the script posts 50 at
+once. Same code, `submits_in_flight=8`, N = 1,000, 100 items per task run: ratio 1.33 instead of
+1.72 (one pair each, 2026-12-02).
+
+**Not profiled yet:** why CPU per image still rises from N = 1,000 to 10,000 with 100 items per
+task run (flow 32.4 -> 41.8 ms, server 13.0 -> 17.0 ms). Suspects, unmeasured: the event tables
+of the server's SQLite database (3 events per image), the ledger's SQLite file and its
+`unresolved()` scans inside the lane, and the status-object listing of the batch.
 """
 
 

@@ -118,8 +118,9 @@ def test_budget_stops_fanning_out(batch_env, local_s3, s3_bucket, tmp_path):
     assert len(batch_env.created_tasks()) == 3 and billed <= Decimal("0.1")
 
 
+@ITEMS_PER_TASK
 def test_kill_mid_batch_then_rerun_pays_once_and_loses_nothing(
-    batch_env, local_s3, s3_bucket, tmp_path, emulator_api_key, ledger_dir
+    batch_env, local_s3, s3_bucket, tmp_path, emulator_api_key, ledger_dir, items_per_task
 ):
     batch_env.set_config(pending_seconds=0.2, processing_seconds=0.6)
     path = manifest(tmp_path, 40)
@@ -128,7 +129,8 @@ def test_kill_mid_batch_then_rerun_pays_once_and_loses_nothing(
         textwrap.dedent(f"""
         import asyncio
         from prefect_eggapi.flows import batch_generate
-        asyncio.run(batch_generate(manifest={path!r}, concurrency=8))
+        asyncio.run(batch_generate(manifest={path!r}, concurrency=8,
+                                   items_per_task={items_per_task}))
     """)
     )
     # The victim starts its own ephemeral Prefect server: its 20 s start-up default timed out on
@@ -164,13 +166,16 @@ def test_kill_mid_batch_then_rerun_pays_once_and_loses_nothing(
             proc.wait(30)
     before = len(batch_env.created_tasks())
     assert before < 40 or persisted < 40
-    summary = run(batch_generate(manifest=path, concurrency=8))
+    summary = run(batch_generate(manifest=path, concurrency=8, items_per_task=items_per_task))
     assert summary.persisted == 40 and summary.failed == 0 and summary.resumed >= 10
     created = batch_env.created_tasks()
     assert len(created) == 40  # zero duplicates
     assert len({t["task_id"] for t in created}) == 40
     rows = status_lines(local_s3, s3_bucket, summary.status_uri)
     assert len(rows) == 40 and {r["status"] for r in rows} == {"persisted"}
+    # No wrong image: each line's task is the one the emulator made for that line's prompt.
+    prompt_of = {t["task_id"]: t["prompt"] for t in created}
+    assert all(prompt_of[r["task_id"]] == f"a tiny robot number {r['line'] - 1}" for r in rows)
 
 
 def test_recovery_collects_an_abandoned_task(batch_env, local_s3, s3_bucket, ledger_dir):
