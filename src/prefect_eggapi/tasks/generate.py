@@ -180,8 +180,13 @@ async def agenerate(args: GenerateArgs) -> GenerationResult:
     return await in_thread(partial(chain.finish, done))
 
 
+#: The generate tasks' delays between tries (one per retry), shared with
+#: :func:`agenerate_with_retries` so the two policies cannot drift apart.
+RETRY_DELAYS: tuple[float, ...] = (2.0, 10.0)
+
+
 async def agenerate_with_retries(
-    args: GenerateArgs, delays: Sequence[float] = (2.0, 10.0)
+    args: GenerateArgs, delays: Sequence[float] = RETRY_DELAYS
 ) -> GenerationResult:
     """:func:`agenerate` under the retry policy of :func:`agenerate_image`, in the caller's run.
 
@@ -216,8 +221,8 @@ generate_image, agenerate_image = twin_tasks(
     ),
     name="eggapi-generate-image",
     cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=[2, 10],
+    retries=len(RETRY_DELAYS),
+    retry_delay_seconds=list(RETRY_DELAYS),
     retry_condition_fn=retry_generation,
     task_run_name=request_run_name("generate"),
 )
