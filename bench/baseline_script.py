@@ -220,16 +220,26 @@ async def run(
             raise RuntimeError("unreachable")
 
         async def persist(task: dict[str, Any], index: int, url: str) -> None:
-            digest = hashlib.sha256()
-            size = 0
             fh = tempfile.SpooledTemporaryFile(max_size=4 * MiB)  # noqa: SIM115
             try:
-                async with files.stream("GET", url) as response:
-                    response.raise_for_status()
-                    async for chunk in response.aiter_bytes(64 * 1024):
-                        digest.update(chunk)
-                        fh.write(chunk)
-                        size += len(chunk)
+                # A GET on a pooled connection the server just closed fails with ReadError (seen
+                # once in 10,000); the library retries downloads, so the script does too.
+                for attempt in range(3):
+                    digest = hashlib.sha256()
+                    size = 0
+                    fh.seek(0)
+                    fh.truncate()
+                    try:
+                        async with files.stream("GET", url) as response:
+                            response.raise_for_status()
+                            async for chunk in response.aiter_bytes(64 * 1024):
+                                digest.update(chunk)
+                                fh.write(chunk)
+                                size += len(chunk)
+                        break
+                    except httpx.TransportError:
+                        if attempt == 2:
+                            raise
                 fh.seek(0)
                 key = f"{prefix}/{task['id']}/{index}.png"
                 extra = {

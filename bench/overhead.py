@@ -39,6 +39,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 PERSISTED: dict[str, float] = {}  # task id -> when its last output was persisted
 STORED: list[int] = [0]  # outputs persisted
 POLLS: dict[str, int] = {}
+LANE: dict[str, float] = {"holds": 0, "wall": 0.0, "cpu": 0.0, "post": 0.0, "posts": 0}
+GC: list[float] = [0.0, 0.0]  # seconds in the cyclic collector, full (generation 2) collections
+
+
+def _time_gc() -> None:
+    """Count the seconds the cyclic garbage collector runs: it walks every live object, so its
+    cost per image grows with whatever the flow keeps alive at once."""
+    import gc
+
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        GC[0] += time.perf_counter() - started[0]
+        GC[1] += info["generation"] == 2
+
+    gc.callbacks.append(callback)
 
 
 def _children_cpu() -> float:
@@ -87,6 +106,42 @@ def _instrument() -> None:
 
     OutputStore.persist = timed_persist  # type: ignore[method-assign]
     AsyncEggAPIClient.get_task = counted_get_task  # type: ignore[method-assign]
+    _time_lane()
+
+
+def _time_lane() -> None:
+    """How long each submit holds its lane (POSTs of one model go one at a time), how much of
+    that is the holding thread's own CPU, and how long its POST takes: the rest of a hold is
+    waiting (for the GIL among the batch's threads, for SQLite, for the emulator)."""
+    from contextlib import contextmanager
+
+    from prefect_eggapi.client import EggAPIClient
+    from prefect_eggapi.safety.submitter import Submitter
+
+    lane = Submitter._lane
+    generate = EggAPIClient.generate
+
+    @contextmanager
+    def timed_lane(self: Any, model: str, task_type: str) -> Any:
+        with lane(self, model, task_type):
+            wall, cpu = time.perf_counter(), time.thread_time()
+            try:
+                yield
+            finally:
+                LANE["holds"] += 1
+                LANE["wall"] += time.perf_counter() - wall
+                LANE["cpu"] += time.thread_time() - cpu
+
+    def timed_generate(self: Any, *args: Any, **kw: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return generate(self, *args, **kw)
+        finally:
+            LANE["posts"] += 1
+            LANE["post"] += time.perf_counter() - started
+
+    Submitter._lane = timed_lane  # type: ignore[method-assign,assignment]
+    EggAPIClient.generate = timed_generate  # type: ignore[method-assign]
 
 
 def _tasks_flow() -> Any:
@@ -169,6 +224,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         import cProfile
 
         profiler = cProfile.Profile()
+    _time_gc()
     server_cpu0 = _children_cpu()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     started = time.time()
@@ -186,6 +242,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "startup": startup,
         "cpu": (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime),
         "server_cpu": server_cpu,
+        "gc": GC[0],
+        "gc_full": GC[1],
+        "lane": dict(LANE),
         "images": STORED[0],
         "persisted_at": PERSISTED,
         "polls_by_status": POLLS,
@@ -283,10 +342,29 @@ def measure(
                     )
                     print(
                         f"  overhead n={n} {side:<17} wall {out['wall']:6.1f}s  "
-                        f"cpu {out['cpu']:6.1f}s  images {out['images']}",
+                        f"cpu {out['cpu']:6.1f}s  server {out.get('server_cpu', 0):6.1f}s  "
+                        f"gc {out.get('gc', 0):5.1f}s ({out.get('gc_full', 0)} full)  "
+                        f"images {out['images']}{_lane_line(out.get('lane'))}",
                         flush=True,
                     )
     return rows
+
+
+def _lane_hold_ms(lane: dict[str, float] | None) -> float:
+    """Mean milliseconds a submit held its lane (NaN: no submit timed, e.g. the script)."""
+    if not lane or not lane["holds"]:
+        return float("nan")
+    return 1000 * lane["wall"] / lane["holds"]
+
+
+def _lane_line(lane: dict[str, float] | None) -> str:
+    if not lane or not lane["holds"]:
+        return ""
+    holds, posts = lane["holds"], max(lane["posts"], 1)
+    return (
+        f"  lane hold {1000 * lane['wall'] / holds:.1f} ms (its thread's CPU "
+        f"{1000 * lane['cpu'] / holds:.1f} ms, POST {1000 * lane['post'] / posts:.1f} ms)"
+    )
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, float]]]:
@@ -306,6 +384,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[int, dict[str, dict[str, float
                     [1000 * r.get("server_cpu", 0.0) / max(r["images"], 1) for r in mine]
                 ),
                 "images": min(r["images"] for r in mine),
+                "gc_ms_per_image": median(
+                    [1000 * r.get("gc", float("nan")) / max(r["images"], 1) for r in mine]
+                ),
+                "lane_hold_ms": median([_lane_hold_ms(r.get("lane")) for r in mine]),
                 "startup": median([r.get("startup", 0.0) for r in mine]),
                 "lat_p50": _pct(lat, 50),
                 "lat_p95": _pct(lat, 95),

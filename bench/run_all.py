@@ -89,16 +89,20 @@ before each download 2.3, asyncio 2.7; the Prefect task engine 0.2 and logs 0.9.
 13-14 ms is mostly its database storing the 3 `eggapi.task.*` events per image.
 
 **Wall time is bounded by the submit lane, not only by CPU.** POSTs of one model go one at a time
-per ledger (`submits_in_flight=1`, so that lost answers stay attributable), and inside the lane
-each submit makes about four SQLite transactions and a POST from a worker thread competing with
-~50 others for the GIL: about 50-60 ms per submit, 16-20 submits/s, while the script posts 50 at
-once. Same code, `submits_in_flight=8`, N = 1,000, 100 items per task run: ratio 1.33 instead of
-1.72 (one pair each, 2026-12-02).
+per ledger (`submits_in_flight=1`, so that lost answers stay attributable). The overhead child
+prints each side's mean lane hold, the holder's own CPU in it and its POST time: with 64 I/O
+threads a hold was 56.5 ms for 5.0 ms of CPU, the rest spent winning back the GIL from ~50
+runnable threads at each SQLite statement and socket call, and 1,000 holds were 56.5 s of an
+84.7 s run. Transfers now run in a pool of 16 threads and submits (which wait for their lane
+blocked) in a pool of their own: hold ~21 ms, ratio 1.44 against 1.88-2.21 the same day
+(`bench/profiles/lane-and-threads-2026-12-02.txt`). Before that change, `submits_in_flight=8`
+gave 1.33 instead of 1.72 (one pair each).
 
-**Not profiled yet:** why CPU per image still rises from N = 1,000 to 10,000 with 100 items per
-task run (flow 32.4 -> 41.8 ms, server 13.0 -> 17.0 ms). Suspects, unmeasured: the event tables
-of the server's SQLite database (3 events per image), the ledger's SQLite file and its
-`unresolved()` scans inside the lane, and the status-object listing of the batch.
+**Flat with N.** The GC column is the cyclic collector's share (3 ms per image at every N
+measured). The morning run of 2026-12-02 showed CPU per image rising 29 % from N = 1,000 to
+10,000 with 100 items per task run; same-code pairs that evening (1,000 vs 4,000, and 1,000 vs
+10,000 with chunk runs started in turn) were flat within 2 %, while one N alone moved 49-63 ms
+between runs: the rise was the machine between two sides an hour apart, not the batch.
 """
 
 
@@ -437,14 +441,16 @@ def render(
         add("")
         add(
             "| N | side | flow wall s | ratio | client CPU ms/image | API server CPU ms/image "
-            "| req/image | completion -> S3 p50 / p95 s |"
+            "| GC ms/image | lane hold ms | req/image | completion -> S3 p50 / p95 s |"
         )
-        add("|---|---|---|---|---|---|---|---|")
+        add("|---|---|---|---|---|---|---|---|---|---|")
         for n, sides in ov.items():
             for side, g in sides.items():
                 add(
                     f"| {n} | {side} | {g['wall']:.1f} | {g.get('ratio', 1):.2f} | "
                     f"{g['cpu_ms_per_image']:.1f} | {g['server_cpu_ms_per_image']:.1f} | "
+                    f"{f(g.get('gc_ms_per_image', float('nan')))} | "
+                    f"{f(g.get('lane_hold_ms', float('nan')))} | "
                     f"{g['req_per_image']:.2f} | {f(g['lat_p50'])} / {f(g['lat_p95'])} |"
                 )
         add("")

@@ -388,3 +388,33 @@ def test_chunks_name_their_task_runs_and_log_one_line_per_item(batch_env, tmp_pa
     # The steps' own INFO lines (submitted, status changes, stored) stayed out of the run log.
     assert not [m for m in logs if " submitted (" in m or m.startswith("Stored ")], logs
     assert {e.resource.id for e in events} >= wanted  # one eggapi.task.persisted per item
+
+
+def test_chunk_runs_start_in_turn_as_slots_free_up(batch_env, tmp_path, monkeypatch):
+    """A chunk's task run starts once the items before it hold slots, not with the batch: a
+    chunk shown as running has items running, and a big batch does not hold every item at once."""
+    from prefect_eggapi.flows import batch as batch_module
+
+    started: list[tuple[int, int, int]] = []  # (first line, items finished, chunks open)
+    open_chunks = [0]
+    original = batch_module._Batch.run_chunk
+
+    async def recording(self, items, progress, total):
+        started.append((items[0].line, self.finished, open_chunks[0]))
+        open_chunks[0] += 1
+        try:
+            return await original(self, items, progress, total)
+        finally:
+            open_chunks[0] -= 1
+
+    monkeypatch.setattr(batch_module._Batch, "run_chunk", recording)
+    path = manifest(tmp_path, 8)
+    summary = run(batch_generate(manifest=path, concurrency=2, items_per_task=2))
+    assert summary.persisted == 8
+    assert [line for line, _, _ in started] == [1, 3, 5, 7]
+    # Chunks 1 and 2 start at once (2 holds the queue); chunk 3 only after chunk 1's items
+    # finished and gave their slots to chunk 2's.
+    assert started[0][1] == 0 and started[1][1] == 0
+    assert all(finished >= 2 * (i - 1) for i, (_, finished, _) in enumerate(started) if i >= 2)
+    assert max(opened for _, _, opened in started) <= 1  # never more than 2 chunks at once
+    assert len(batch_env.created_tasks()) == 8

@@ -331,3 +331,49 @@ def test_credentials_without_key_name_the_field(monkeypatch):
     monkeypatch.delenv("EGGAPI_API_KEY", raising=False)
     with pytest.raises(InvalidRequestError, match="api_key"):
         EggAPICredentials().get_client()
+
+
+def test_submits_waiting_for_their_lane_leave_the_transfer_threads_free(eggapi_env, monkeypatch):
+    """Async submits wait for their lane blocked in a thread; more of them than the transfer
+    pool has threads must not stop a finished task's transfer (a batch whose next submits queue
+    behind one slow POST still stores what completed)."""
+    import asyncio
+    import threading
+    from contextlib import contextmanager
+
+    from prefect_eggapi.safety.lanes import submit_lane
+    from prefect_eggapi.tasks.runtime import IO_THREADS, in_thread
+
+    with EggAPICredentials().get_client() as client:
+        account = client.account
+    lane = submit_lane(account, REQ.model, REQ.task_type)
+    waiting = IO_THREADS + 4
+    arrived: list[str] = []
+    hold = lane.hold
+
+    @contextmanager
+    def counted_hold(width: int):
+        arrived.append(threading.current_thread().name)
+        with hold(width):
+            yield
+
+    monkeypatch.setattr(lane, "hold", counted_hold)
+
+    async def main() -> tuple[str, list[str]]:
+        with hold(1):  # an earlier POST of the model is in flight
+            submits = [
+                asyncio.ensure_future(asubmit_generation(REQ, key=f"lane-wait-{i}"))
+                for i in range(waiting)
+            ]
+            deadline = time.monotonic() + 120
+            while len(arrived) < waiting and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # until every submit waits in the lane, in a thread
+            assert len(arrived) == waiting
+            transfer = await asyncio.wait_for(in_thread(lambda: "stored"), timeout=30)
+            assert not any(s.done() for s in submits)  # they were waiting all along
+        return transfer, [t.id for t in await asyncio.gather(*submits)]
+
+    transfer, ids = asyncio.run(main())
+    assert transfer == "stored"
+    assert len(set(ids)) == waiting
+    assert len(billable(eggapi_env)) == waiting

@@ -9,7 +9,13 @@ import sys
 import threading
 
 from prefect_eggapi.client.registry import reset_process_state
-from prefect_eggapi.tasks.runtime import IO_THREADS, in_thread, io_pool
+from prefect_eggapi.tasks.runtime import (
+    IO_THREADS,
+    SUBMIT_THREADS,
+    in_thread,
+    io_pool,
+    submit_pool,
+)
 
 _CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="none")
 
@@ -19,7 +25,7 @@ def test_importing_the_tasks_makes_no_pool():
         "import gc, concurrent.futures as cf\n"
         "import prefect_eggapi.tasks\n"
         "pools = [o for o in gc.get_objects() if isinstance(o, cf.ThreadPoolExecutor)\n"
-        "         and o._thread_name_prefix == 'eggapi-io']\n"
+        "         and o._thread_name_prefix.startswith('eggapi-')]\n"
         "print(len(pools))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -27,12 +33,14 @@ def test_importing_the_tasks_makes_no_pool():
     assert out.stdout.strip() == "0"
 
 
-def test_one_pool_per_process_until_reset():
-    first = io_pool()
+def test_one_pool_of_each_kind_per_process_until_reset():
+    first, submits = io_pool(), submit_pool()
     assert io_pool() is first and first._max_workers == IO_THREADS
+    assert submit_pool() is submits and submits is not first
+    assert submits._max_workers == SUBMIT_THREADS
     reset_process_state()
     second = io_pool()
-    assert second is not first and io_pool() is second
+    assert second is not first and io_pool() is second and submit_pool() is not submits
 
 
 def test_in_thread_runs_in_the_pool_with_the_callers_context():

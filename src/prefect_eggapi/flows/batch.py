@@ -151,6 +151,8 @@ class _Batch:
         self.run_id = flow_run_id()
         self.base = batch_base(ctx.store, ctx.run_key)
         self.semaphore = asyncio.Semaphore(params.concurrency)
+        self.slots_taken = 0  # items that got one of the ``concurrency`` slots (run_chunks)
+        self._slot_taken = asyncio.Event()
         self.stop_submitting = False
         self.finished = 0
         # The cap spans every run of this batch (resumes included), not one flow run.
@@ -220,6 +222,8 @@ class _Batch:
 
     async def run_item(self, item: BatchItem, progress: Progress, total: int) -> ItemResult:
         async with self.semaphore:
+            self.slots_taken += 1
+            self._slot_taken.set()
             if self.stop_submitting:
                 result = ItemResult(
                     id=item.id,
@@ -265,6 +269,30 @@ class _Batch:
         """``items`` in one task run named after their lines (see :func:`generate_items`)."""
         name = f"items · lines {items[0].line}-{items[-1].line} · {len(items)}"
         return await generate_items.with_options(task_run_name=name)(self, items, progress, total)
+
+    async def run_chunks(
+        self, chunks: list[list[BatchItem]], progress: Progress, total: int
+    ) -> list[ItemResult]:
+        """The chunks' task runs, each started once every item of the chunks before it holds a
+        slot: at most one chunk waits for slots, the rest are not started yet.
+
+        Started all at once, a 10,000-item batch showed 100 chunk runs as Running for its whole
+        length, most of them with nothing running, and kept every item's coroutine alive from
+        the start. In turn, a run shows Running while its items run; a chunk whose last items
+        are slow (retries, long waits) holds only those, and the next chunk takes the free slots.
+        """
+        runs: list[asyncio.Future[list[ItemResult]]] = []
+        queued = 0
+        for chunk in chunks:
+            run = asyncio.ensure_future(self.run_chunk(chunk, progress, total))
+            runs.append(run)
+            queued += len(chunk)
+            while self.slots_taken < queued and not run.done():
+                self._slot_taken.clear()
+                taken = asyncio.ensure_future(self._slot_taken.wait())
+                await asyncio.wait({taken, run}, return_when=asyncio.FIRST_COMPLETED)
+                taken.cancel()
+        return [result for chunk_results in await asyncio.gather(*runs) for result in chunk_results]
 
     def write_status(
         self, key: str, results: list[ItemResult], broken: list[BrokenLine]
@@ -402,10 +430,7 @@ async def run_batch(params: BatchParams, *, credentials_block: str | None = None
         results += await asyncio.gather(*(batch.run_item(i, progress, len(items)) for i in todo))
     else:
         chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
-        for chunk in await asyncio.gather(
-            *(batch.run_chunk(c, progress, len(items)) for c in chunks)
-        ):
-            results += chunk
+        results += await batch.run_chunks(chunks, progress, len(items))
 
     status_key = (
         f"{batch.base}/status.jsonl"

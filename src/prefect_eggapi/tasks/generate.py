@@ -28,7 +28,7 @@ from prefect_eggapi.tasks.budget import BudgetLike
 from prefect_eggapi.tasks.naming import request_run_name
 from prefect_eggapi.tasks.persist import PersistArgs, StoreLike, persist
 from prefect_eggapi.tasks.retry import GENERATION, retry_generation
-from prefect_eggapi.tasks.runtime import in_thread
+from prefect_eggapi.tasks.runtime import in_thread, submit_pool
 from prefect_eggapi.tasks.submit import RequestLike, SubmitArgs, coerce_request, submit
 from prefect_eggapi.tasks.twins import twin_tasks
 from prefect_eggapi.tasks.wait import WaitArgs, await_, wait
@@ -175,7 +175,7 @@ def generate(args: GenerateArgs) -> GenerationResult:
 async def agenerate(args: GenerateArgs) -> GenerationResult:
     """:func:`generate` with the wait on the event loop and the transfers in worker threads."""
     chain = _Chain.of(args)
-    created = await in_thread(chain.submit)
+    created = await in_thread(chain.submit, submit_pool)
     done = await await_(chain.waiting(created))
     return await in_thread(partial(chain.finish, done))
 

@@ -24,12 +24,14 @@ from prefect_eggapi.client.registry import Registry
 
 __all__ = [
     "IO_THREADS",
+    "SUBMIT_THREADS",
     "flow_run_id",
     "in_thread",
     "io_pool",
     "quiet_steps",
     "run_logger",
     "run_scope",
+    "submit_pool",
 ]
 
 R = TypeVar("R")
@@ -102,32 +104,52 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
     return _WarningsOnly(logger, {})
 
 
-#: Threads for blocking work of async steps, in this process. asyncio's default pool has
-#: ``cpu + 4`` threads, which throttled a batch's S3 calls to six at a time.
-IO_THREADS = 64
+#: Threads for the blocking transfers of async steps (downloads, S3, status objects, ledger
+#: writes), in this process. asyncio's default pool (``cpu + 4``) throttled a batch's S3 calls to
+#: six at a time; 64 let ~50 threads contend for the GIL, and the thread holding the submit lane
+#: (one POST of a model at a time) waited for it at each SQLite or socket call: its hold took
+#: 56 ms for 5 ms of CPU, and bounded the batch's wall time (bench/RESULTS.md, 2026-12-02).
+IO_THREADS = 16
+#: Threads for submits of async steps. A submit waits for its lane in its thread, blocked rather
+#: than running, so many of them cost no CPU; they get a pool of their own so that waiting
+#: submits never hold the threads the transfers of finished tasks need.
+SUBMIT_THREADS = 64
 
 _POOLS: Registry[str, concurrent.futures.ThreadPoolExecutor] = Registry(
-    "the thread pool of async steps' blocking work"
+    "the thread pools of async steps' blocking work"
 )
 
 
-def _new_pool() -> concurrent.futures.ThreadPoolExecutor:
-    return concurrent.futures.ThreadPoolExecutor(
-        max_workers=IO_THREADS, thread_name_prefix="eggapi-io"
+def io_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's pool for transfers, made on first use (importing the package starts no
+    threads).
+
+    ``reset_process_state()`` forgets it (and :func:`submit_pool`): work already in it
+    finishes, the next call makes a new one, and the old one's idle threads exit with the process.
+    """
+    return _POOLS.get(
+        "io",
+        lambda: concurrent.futures.ThreadPoolExecutor(
+            max_workers=IO_THREADS, thread_name_prefix="eggapi-io"
+        ),
     )
 
 
-def io_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The process's pool, made on first use (importing the package starts no threads).
+def submit_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The process's pool for submits (see :data:`SUBMIT_THREADS`)."""
+    return _POOLS.get(
+        "submit",
+        lambda: concurrent.futures.ThreadPoolExecutor(
+            max_workers=SUBMIT_THREADS, thread_name_prefix="eggapi-submit"
+        ),
+    )
 
-    ``reset_process_state()`` forgets it: work already in it finishes, the next call makes a new
-    one, and the old one's idle threads exit with the process.
-    """
-    return _POOLS.get("io", _new_pool)
 
-
-async def in_thread(fn: Callable[[], R]) -> R:
-    """Run blocking work (boto3, sqlite, a short POST) off the event loop, keeping the run
-    context (loggers, run ids) of the caller."""
+async def in_thread(
+    fn: Callable[[], R],
+    pool: Callable[[], concurrent.futures.ThreadPoolExecutor] = io_pool,
+) -> R:
+    """Run blocking work (boto3, sqlite, a short POST) off the event loop, in ``pool``, keeping
+    the run context (loggers, run ids) of the caller."""
     ctx = contextvars.copy_context()
-    return await asyncio.get_running_loop().run_in_executor(io_pool(), ctx.run, fn)
+    return await asyncio.get_running_loop().run_in_executor(pool(), ctx.run, fn)

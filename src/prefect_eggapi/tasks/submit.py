@@ -22,8 +22,8 @@ from prefect_eggapi.tasks.artifacts import emit_task_event
 from prefect_eggapi.tasks.budget import BudgetLike, budget_cap
 from prefect_eggapi.tasks.naming import request_run_name
 from prefect_eggapi.tasks.retry import retry_submit
-from prefect_eggapi.tasks.runtime import run_logger, run_scope
-from prefect_eggapi.tasks.twins import StepOptions, twin_tasks
+from prefect_eggapi.tasks.runtime import run_logger, run_scope, submit_pool
+from prefect_eggapi.tasks.twins import StepOptions, threaded, twin_tasks
 
 __all__ = [
     "RequestLike",
@@ -121,6 +121,7 @@ _SUBMIT_OPTIONS: StepOptions = {
 submit_generation, asubmit_generation = twin_tasks(
     SubmitArgs,
     submit,
+    threaded(submit, submit_pool),  # a submit waits for its lane blocked, in a pool of its own
     names=("submit_generation", "asubmit_generation"),
     docs=(
         """Create an EggAPI task once per logical key; retries and reruns reconnect to it.
@@ -138,6 +139,7 @@ submit_generation, asubmit_generation = twin_tasks(
 submit_edit, asubmit_edit = twin_tasks(
     SubmitArgs,
     partial(submit, edit=True),
+    threaded(partial(submit, edit=True), submit_pool),
     names=("submit_edit", "asubmit_edit"),
     docs=(
         "Like :func:`submit_generation`, for requests with ``image_urls`` (``type: image_edit``).",

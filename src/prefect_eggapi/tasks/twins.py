@@ -17,6 +17,7 @@ implementation of its own (a wait, which must not hold a thread for minutes).
 
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine
 from functools import partial
@@ -25,7 +26,7 @@ from typing import ParamSpec, TypedDict, TypeVar, Unpack
 from prefect.cache_policies import CachePolicy
 from prefect.tasks import RetryConditionCallable, Task, TaskRunNameValueOrCallable
 
-from prefect_eggapi.tasks.runtime import in_thread
+from prefect_eggapi.tasks.runtime import in_thread, io_pool
 
 __all__ = ["StepOptions", "threaded", "twin_tasks"]
 
@@ -44,11 +45,14 @@ class StepOptions(TypedDict, total=False):
     task_run_name: TaskRunNameValueOrCallable
 
 
-def threaded(run: Callable[[A], R]) -> Callable[[A], Awaitable[R]]:
-    """``run`` as a coroutine function that runs it in the I/O pool (keeping the run context)."""
+def threaded(
+    run: Callable[[A], R],
+    pool: Callable[[], concurrent.futures.ThreadPoolExecutor] = io_pool,
+) -> Callable[[A], Awaitable[R]]:
+    """``run`` as a coroutine function that runs it in ``pool`` (keeping the run context)."""
 
     async def in_pool(args: A) -> R:
-        return await in_thread(partial(run, args))
+        return await in_thread(partial(run, args), pool)
 
     return in_pool
 
