@@ -360,10 +360,10 @@ def _lane_hold_ms(lane: dict[str, float] | None) -> float:
 def _lane_line(lane: dict[str, float] | None) -> str:
     if not lane or not lane["holds"]:
         return ""
-    holds, posts = lane["holds"], max(lane["posts"], 1)
+    posts = max(lane["posts"], 1)
     return (
-        f"  lane hold {1000 * lane['wall'] / holds:.1f} ms (its thread's CPU "
-        f"{1000 * lane['cpu'] / holds:.1f} ms, POST {1000 * lane['post'] / posts:.1f} ms)"
+        f"  lane hold {_lane_hold_ms(lane):.1f} ms (its thread's CPU "
+        f"{1000 * lane['cpu'] / lane['holds']:.1f} ms, POST {1000 * lane['post'] / posts:.1f} ms)"
     )
 
 

@@ -108,7 +108,8 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
 #: writes), in this process. asyncio's default pool (``cpu + 4``) throttled a batch's S3 calls to
 #: six at a time; 64 let ~50 threads contend for the GIL, and the thread holding the submit lane
 #: (one POST of a model at a time) waited for it at each SQLite or socket call: its hold took
-#: 56 ms for 5 ms of CPU, and bounded the batch's wall time (bench/RESULTS.md, 2026-12-02).
+#: 56 ms for 5 ms of CPU, and bounded the batch's wall time
+#: (bench/profiles/lane-and-threads-2026-12-02.txt).
 IO_THREADS = 16
 #: Threads for submits of async steps. A submit waits for its lane in its thread, blocked rather
 #: than running, so many of them cost no CPU; they get a pool of their own so that waiting
@@ -120,6 +121,15 @@ _POOLS: Registry[str, concurrent.futures.ThreadPoolExecutor] = Registry(
 )
 
 
+def _pool(kind: str, threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    return _POOLS.get(
+        kind,
+        lambda: concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix=f"eggapi-{kind}"
+        ),
+    )
+
+
 def io_pool() -> concurrent.futures.ThreadPoolExecutor:
     """The process's pool for transfers, made on first use (importing the package starts no
     threads).
@@ -127,22 +137,12 @@ def io_pool() -> concurrent.futures.ThreadPoolExecutor:
     ``reset_process_state()`` forgets it (and :func:`submit_pool`): work already in it
     finishes, the next call makes a new one, and the old one's idle threads exit with the process.
     """
-    return _POOLS.get(
-        "io",
-        lambda: concurrent.futures.ThreadPoolExecutor(
-            max_workers=IO_THREADS, thread_name_prefix="eggapi-io"
-        ),
-    )
+    return _pool("io", IO_THREADS)
 
 
 def submit_pool() -> concurrent.futures.ThreadPoolExecutor:
     """The process's pool for submits (see :data:`SUBMIT_THREADS`)."""
-    return _POOLS.get(
-        "submit",
-        lambda: concurrent.futures.ThreadPoolExecutor(
-            max_workers=SUBMIT_THREADS, thread_name_prefix="eggapi-submit"
-        ),
-    )
+    return _pool("submit", SUBMIT_THREADS)
 
 
 async def in_thread(

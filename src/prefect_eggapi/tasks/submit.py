@@ -136,10 +136,12 @@ submit_generation, asubmit_generation = twin_tasks(
     **_SUBMIT_OPTIONS,
 )
 
+_submit_edit = partial(submit, edit=True)
+
 submit_edit, asubmit_edit = twin_tasks(
     SubmitArgs,
-    partial(submit, edit=True),
-    threaded(partial(submit, edit=True), submit_pool),
+    _submit_edit,
+    threaded(_submit_edit, submit_pool),
     names=("submit_edit", "asubmit_edit"),
     docs=(
         "Like :func:`submit_generation`, for requests with ``image_urls`` (``type: image_edit``).",
