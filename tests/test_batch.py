@@ -392,29 +392,27 @@ def test_chunks_name_their_task_runs_and_log_one_line_per_item(batch_env, tmp_pa
 
 def test_chunk_runs_start_in_turn_as_slots_free_up(batch_env, tmp_path, monkeypatch):
     """A chunk's task run starts once the items before it hold slots, not with the batch: a
-    chunk shown as running has items running, and a big batch does not hold every item at once."""
+    chunk shown as running has items running or is the one next in line, and a big batch does
+    not hold every item at once."""
     from prefect_eggapi.flows import batch as batch_module
 
-    started: list[tuple[int, int, int]] = []  # (first line, items finished, chunks open)
-    open_chunks = [0]
+    started: list[tuple[int, int, int]] = []  # (first line, items finished, slots taken)
     original = batch_module._Batch.run_chunk
 
     async def recording(self, items, progress, total):
-        started.append((items[0].line, self.finished, open_chunks[0]))
-        open_chunks[0] += 1
-        try:
-            return await original(self, items, progress, total)
-        finally:
-            open_chunks[0] -= 1
+        started.append((items[0].line, self.finished, self.slots_taken))
+        return await original(self, items, progress, total)
 
     monkeypatch.setattr(batch_module._Batch, "run_chunk", recording)
     path = manifest(tmp_path, 8)
     summary = run(batch_generate(manifest=path, concurrency=2, items_per_task=2))
     assert summary.persisted == 8
     assert [line for line, _, _ in started] == [1, 3, 5, 7]
-    # Chunks 1 and 2 start at once (2 holds the queue); chunk 3 only after chunk 1's items
-    # finished and gave their slots to chunk 2's.
+    # Chunk i starts exactly when every item of the chunks before it holds a slot: at most one
+    # started chunk waits for slots. (How many chunks are open then depends on which items are
+    # slow: items still running may span two earlier chunks.)
+    assert [taken for _, _, taken in started] == [0, 2, 4, 6]
+    # With 2 slots, chunk 3 only after chunk 1's items finished and gave theirs to chunk 2's.
     assert started[0][1] == 0 and started[1][1] == 0
     assert all(finished >= 2 * (i - 1) for i, (_, finished, _) in enumerate(started) if i >= 2)
-    assert max(opened for _, _, opened in started) <= 1  # never more than 2 chunks at once
     assert len(batch_env.created_tasks()) == 8
