@@ -95,7 +95,8 @@ threads a hold was 56.5 ms for 5.0 ms of CPU, the rest spent winning back the GI
 runnable threads at each SQLite statement and socket call, and 1,000 holds were 56.5 s of an
 84.7 s run. Transfers now run in a pool of 16 threads and submits (which wait for their lane
 blocked) in a pool of their own: hold ~21 ms, ratio 1.44 against 1.88-2.21 the same day
-(`bench/profiles/lane-and-threads-2026-12-02.txt`). Before that change, `submits_in_flight=8`
+(`bench/profiles/lane-and-threads-2026-12-02.txt`); the lane hold column above is this run's
+figure. Before that change, `submits_in_flight=8`
 gave 1.33 instead of 1.72 (one pair each).
 
 **Flat with N.** The GC column is the cyclic collector's share (3 ms per image at every N
